@@ -1,0 +1,83 @@
+"""Model weights on disk: safetensors + the model config beside them.
+
+A saved model directory is loadable without the training config:
+  DIR/model.safetensors    weights (no pickle: loading never runs code)
+  DIR/model_config.json    the ModelConfig the weights belong to
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vishwamai.config import ModelConfig
+from vishwamai.errors import CheckpointError
+
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied weights stored once (safetensors refuses shared storage)."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = tensor.data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().contiguous().cpu()
+    return state
+
+
+def as_model_config(cfg) -> ModelConfig:
+    """A ModelConfig from a dataclass or an OmegaConf node (e.g. cfg.model)."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    from omegaconf import OmegaConf
+
+    return ModelConfig(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def save_model(directory: str | Path, model: torch.nn.Module, model_cfg) -> Path:
+    directory = Path(directory)
+    model_cfg = as_model_config(model_cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model_state_for_saving(model), str(directory / WEIGHTS_FILE))
+    (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {MODEL_CONFIG_FILE} in {directory}: not a vishwamai model checkpoint")
+    try:
+        return ModelConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"unreadable model config {path}: {e}") from e
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu"):
+    """Build the model its config describes and load its weights (strictly)."""
+    from vishwamai.model import build_model
+
+    directory = Path(directory)
+    cfg = read_model_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}")
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"corrupt or unreadable weights {weights}: {e}") from e
+    model = build_model(cfg, device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied lm_head is stored once, under the embedding's name.
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model

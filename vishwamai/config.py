@@ -1,0 +1,421 @@
+"""The typed configuration schema: one dataclass per config group.
+
+Hydra merges `configs/default_config.yaml` (and the `model/`, `training/` groups)
+onto these dataclasses, so a misspelt key or a wrong type is rejected by OmegaConf
+before anything is built.  `validate()` adds the range and cross-field checks that
+types alone cannot express.  Every error names the offending key.
+
+Each group maps onto one package folder (see README "Architecture"):
+  model -> vishwamai/model, data -> vishwamai/data, training/amp -> vishwamai/train,
+  checkpointing -> vishwamai/checkpoint, monitoring -> vishwamai/monitoring,
+  distributed -> vishwamai/distributed, dynamic_batch_size -> vishwamai/batching,
+  distillation -> vishwamai/distill (+ pruning/quantization -> vishwamai/compress),
+  tuning -> vishwamai/tune.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from vishwamai.errors import ConfigError
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 257
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    # Key/value heads for grouped-query attention; null = n_heads (plain multi-head).
+    n_kv_heads: Optional[int] = None
+    # Hidden width of the SwiGLU MLP; null = 8/3 * d_model rounded up to a multiple of 64.
+    ffn_hidden: Optional[int] = None
+    max_seq_len: int = 256
+    dropout_rate: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # Shard-group size for model_parallel (hybrid sharding), see distributed/.
+    parallel_factor: int = 1
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    # null = the embedded corpus (built from Python's standard-library sources,
+    # present on every machine that runs vishwamai). Else a text file, a folder
+    # of .txt/.md/.py files, or a .jsonl file with a "text" field per line.
+    path: Optional[str] = None
+    # "byte" (256 byte values + end-of-document) or the path of a tokenizer.json.
+    tokenizer: str = "byte"
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    # Where memory-mapped token files are cached; null = ~/.cache/vishwamai/data.
+    cache_dir: Optional[str] = None
+    # Cap on the embedded corpus, in bytes.
+    embedded_max_bytes: int = 3_000_000
+
+
+# ------------------------------------------------------------------------ training
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | constant
+    warmup_steps: int = 100
+    # Final lr as a fraction of the peak lr.
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000
+    # Micro-batch size per process; one optimizer step sees
+    # batch_size * gradient_accumulation_steps * world_size sequences.
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    grad_clip: float = 1.0
+    seed: int = 1337
+    log_every_n_steps: int = 10
+    eval_every_n_steps: int = 100
+    eval_batches: int = 20
+    # null = no resume; "auto" = latest valid checkpoint in the run dir; or a path.
+    resume: Optional[str] = None
+    compile: bool = False
+    # Intra-op CPU threads; null = torch's default.
+    num_threads: Optional[int] = None
+    # cpu | cuda | auto
+    device: str = "auto"
+    progress_bar: bool = True
+    # Stop after this many consecutive non-finite steps (see checkpoint issue).
+    max_consecutive_bad_steps: int = 5
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+# ----------------------------------------------------------------------------- amp
+@dataclass
+class LossScaleConfig:
+    init_scale: float = 65536.0
+    growth_interval: int = 2000
+
+
+@dataclass
+class AmpConfig:
+    enabled: bool = False
+    dtype: str = "bfloat16"  # bfloat16 | float16
+    # O1: autocast - weights and optimizer state stay fp32, matmuls run in `dtype`.
+    # O2 (fp16/bf16 weights with fp32 master copies) is not implemented yet.
+    opt_level: str = "O1"
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+
+
+# --------------------------------------------------------------------- checkpoints
+@dataclass
+class CheckpointingConfig:
+    # 0 = only the final checkpoint.
+    every_n_steps: int = 0
+    save_optimizer_state: bool = True
+    keep_last_n: int = 5
+    save_best: bool = True
+    metric: str = "validation_loss"
+    mode: str = "min"
+    save_zero_redundancy: bool = False
+
+
+# ---------------------------------------------------------------------- monitoring
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "vishwamai"
+
+
+@dataclass
+class TensorboardConfig:
+    enabled: bool = True
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    # null = sqlite:///RUN_DIR/mlflow.db
+    tracking_uri: Optional[str] = None
+    experiment: str = "vishwamai"
+
+
+@dataclass
+class MonitoringConfig:
+    enabled: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    # Parameter/gradient histograms every N steps (0 = never).
+    histogram_every_n_steps: int = 0
+    # torch.profiler trace of steps [profile_start, profile_start + profile_steps).
+    profile: bool = False
+    profile_start: int = 5
+    profile_steps: int = 3
+
+
+# ------------------------------------------------------------------ dynamic batch
+@dataclass
+class DynamicBatchConfig:
+    enabled: bool = False
+    initial_batch_size: int = 32
+    target_batch_size: int = 128
+    min_batch_size: int = 8
+    growth_factor: float = 2.0
+    shrink_factor: float = 0.5
+    stable_steps: int = 100
+    # Keep the global batch constant by trading micro-batch for accumulation.
+    constant_global_batch: bool = False
+    # none | linear | sqrt
+    lr_scaling: str = "none"
+    grad_spike_factor: float = 10.0
+
+
+# ---------------------------------------------------------------------- distributed
+@dataclass
+class DistributedConfig:
+    # none | data_parallel | model_parallel
+    strategy: str = "none"
+    # null = auto: nccl on GPU, gloo on CPU.
+    backend: Optional[str] = None
+    world_size: Optional[int] = None
+    node_rank: int = 0
+    nproc_per_node: Optional[int] = None
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    bucket_cap_mb: float = 25.0
+    bf16_grad_compression: bool = False
+    zero_optimizer: bool = False
+
+
+# --------------------------------------------------------------------- distillation
+@dataclass
+class TeacherConfig:
+    path: Optional[str] = None
+    # Several teachers for an ensemble; their logits are averaged (or weighted).
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    temperature: float = 2.0
+    alpha: float = 0.5
+    dtype: str = "float32"  # float32 | bfloat16
+
+
+@dataclass
+class FeatureDistillationConfig:
+    enabled: bool = False
+    layers: list[int] = field(default_factory=lambda: [0])
+    loss_weight: float = 0.1
+    loss: str = "mse"  # mse | cosine
+
+
+@dataclass
+class AttentionDistillationConfig:
+    enabled: bool = False
+    loss_weight: float = 0.1
+    loss: str = "kl"  # kl | mse
+
+
+@dataclass
+class HiddenDistillationConfig:
+    enabled: bool = False
+    loss_weight: float = 0.1
+    loss: str = "mse"  # mse | cosine
+
+
+@dataclass
+class PruningConfig:
+    enabled: bool = False
+    target_sparsity: float = 0.5
+    initial_sparsity: float = 0.0
+    pruning_schedule: str = "cubic"  # cubic | linear | constant
+    begin_step: int = 1000
+    end_step: int = 10000
+    frequency: int = 10
+    # unstructured | structured
+    method: str = "unstructured"
+    scope: str = "per_layer"  # per_layer | global
+
+
+@dataclass
+class QuantizationConfig:
+    enabled: bool = False
+    precision: str = "int8"
+    mode: str = "dynamic"  # dynamic | weight_only | static
+    calibration_steps: int = 100
+
+
+@dataclass
+class DistillationConfig:
+    enabled: bool = False
+    teacher_model: TeacherConfig = field(default_factory=TeacherConfig)
+    feature_distillation: FeatureDistillationConfig = field(default_factory=FeatureDistillationConfig)
+    attention_distillation: AttentionDistillationConfig = field(default_factory=AttentionDistillationConfig)
+    hidden_distillation: HiddenDistillationConfig = field(default_factory=HiddenDistillationConfig)
+    # The seed nests compression here; it also runs without distillation.enabled.
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+
+# --------------------------------------------------------------------------- tuning
+@dataclass
+class TuningConfig:
+    enabled: bool = False
+    framework: str = "optuna"  # optuna | ray
+    num_trials: int = 20
+    metric: str = "validation_loss"
+    direction: str = "minimize"
+    sampler: str = "tpe"  # tpe | random | cmaes | grid
+    pruner: str = "median"  # median | hyperband | successive_halving | none
+    # null = sqlite:///RUN_DIR/optuna.db
+    storage: Optional[str] = None
+    study_name: str = "vishwamai"
+    n_jobs: int = 1
+    # key -> {type: float|log_float|int|categorical, low, high, choices}
+    search_space: dict[str, Any] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------- root
+@dataclass
+class VishwamaiConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    amp: AmpConfig = field(default_factory=AmpConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    dynamic_batch_size: DynamicBatchConfig = field(default_factory=DynamicBatchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    # Where the run writes; training_v2 sets it to Hydra's run dir.
+    run_dir: str = MISSING
+
+
+def register_schema() -> None:
+    """Register the schema with Hydra's ConfigStore (used by default_config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=VishwamaiConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="training", name="base_training", node=TrainingConfig)
+
+
+# ---------------------------------------------------------------------- validation
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def _one_of(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, f"got {value!r}, expected one of {list(choices)}")
+
+
+def validate(cfg: DictConfig | VishwamaiConfig) -> None:
+    """Range and cross-field checks. Raises ConfigError naming the key."""
+    m, d, t = cfg.model, cfg.data, cfg.training
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "parallel_factor"):
+        _check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+    _check(m.d_model % m.n_heads == 0, "model.n_heads",
+           f"model.d_model={m.d_model} must be divisible by n_heads={m.n_heads}")
+    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dim must be even for rotary embeddings")
+    if m.n_kv_heads is not None:
+        _check(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+               f"must divide n_heads={m.n_heads}, got {m.n_kv_heads}")
+    _check(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {m.dropout_rate}")
+
+    _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
+    _check(d.seq_len <= m.max_seq_len, "data.seq_len",
+           f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {d.val_fraction}")
+
+    _check(t.max_steps > 0, "training.max_steps", f"must be > 0, got {t.max_steps}")
+    _check(t.batch_size > 0, "training.batch_size", f"must be > 0, got {t.batch_size}")
+    _check(t.gradient_accumulation_steps > 0, "training.gradient_accumulation_steps", "must be > 0")
+    _check(t.log_every_n_steps > 0, "training.log_every_n_steps", "must be > 0")
+    _check(t.eval_every_n_steps >= 0, "training.eval_every_n_steps", "must be >= 0 (0 = only at the end)")
+    _check(t.eval_batches > 0, "training.eval_batches", "must be > 0")
+    _check(t.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 = no clipping)")
+    _one_of(t.device, "training.device", ("auto", "cpu", "cuda"))
+    o = t.optimizer
+    _one_of(o.name, "training.optimizer.name", ("adamw",))
+    _check(o.lr > 0, "training.optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "training.optimizer.weight_decay", "must be >= 0")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "training.optimizer.beta1", "betas must be in [0, 1)")
+    s = t.scheduler
+    _one_of(s.name, "training.scheduler.name", ("cosine", "constant"))
+    _check(s.warmup_steps >= 0, "training.scheduler.warmup_steps", "must be >= 0")
+    _check(0 <= s.min_lr_ratio <= 1, "training.scheduler.min_lr_ratio", "must be in [0, 1]")
+
+    a = cfg.amp
+    _one_of(a.dtype, "amp.dtype", ("bfloat16", "float16"))
+    _one_of(a.opt_level, "amp.opt_level", ("O1", "O2"))
+    _check(a.loss_scale.init_scale > 0, "amp.loss_scale.init_scale", "must be > 0")
+    _check(a.loss_scale.growth_interval > 0, "amp.loss_scale.growth_interval", "must be > 0")
+
+    c = cfg.checkpointing
+    _check(c.every_n_steps >= 0, "checkpointing.every_n_steps", "must be >= 0")
+    _check(c.keep_last_n >= 1, "checkpointing.keep_last_n", "must be >= 1")
+    _one_of(c.mode, "checkpointing.mode", ("min", "max"))
+    _one_of(c.metric, "checkpointing.metric", ("validation_loss", "train_loss"))
+
+    b = cfg.dynamic_batch_size
+    if b.enabled:
+        _check(b.min_batch_size > 0, "dynamic_batch_size.min_batch_size", "must be > 0")
+        _check(b.min_batch_size <= b.initial_batch_size, "dynamic_batch_size.min_batch_size",
+               f"min_batch_size={b.min_batch_size} exceeds initial_batch_size={b.initial_batch_size}")
+        _check(b.min_batch_size <= b.target_batch_size, "dynamic_batch_size.min_batch_size",
+               f"min_batch_size={b.min_batch_size} exceeds target_batch_size={b.target_batch_size}")
+        _check(b.initial_batch_size <= b.target_batch_size, "dynamic_batch_size.initial_batch_size",
+               f"initial_batch_size={b.initial_batch_size} exceeds target_batch_size={b.target_batch_size}")
+        _check(b.growth_factor > 1, "dynamic_batch_size.growth_factor", "must be > 1")
+        _check(0 < b.shrink_factor < 1, "dynamic_batch_size.shrink_factor", "must be in (0, 1)")
+        _check(b.stable_steps > 0, "dynamic_batch_size.stable_steps", "must be > 0")
+        _one_of(b.lr_scaling, "dynamic_batch_size.lr_scaling", ("none", "linear", "sqrt"))
+
+    _one_of(cfg.distributed.strategy, "distributed.strategy", ("none", "data_parallel", "model_parallel"))
+    if cfg.distributed.backend is not None:
+        _one_of(cfg.distributed.backend, "distributed.backend", ("gloo", "nccl"))
+
+    ds = cfg.distillation
+    _check(ds.teacher_model.temperature > 0, "distillation.teacher_model.temperature", "must be > 0")
+    _check(0 <= ds.teacher_model.alpha <= 1, "distillation.teacher_model.alpha", "must be in [0, 1]")
+    p = ds.pruning
+    if p.enabled:
+        _check(0 <= p.target_sparsity < 1, "distillation.pruning.target_sparsity", "must be in [0, 1)")
+        _check(0 <= p.initial_sparsity <= p.target_sparsity, "distillation.pruning.initial_sparsity",
+               "must be in [0, target_sparsity]")
+        _one_of(p.pruning_schedule, "distillation.pruning.pruning_schedule", ("cubic", "linear", "constant"))
+        _check(0 <= p.begin_step <= p.end_step, "distillation.pruning.begin_step",
+               f"begin_step={p.begin_step} must be <= end_step={p.end_step}")
+    q = ds.quantization
+    if q.enabled:
+        _check(q.precision == "int8", "distillation.quantization.precision",
+               f"{q.precision!r} is not supported on this build; supported: ['int8']")
+        _check(q.calibration_steps > 0, "distillation.quantization.calibration_steps", "must be > 0")
+
+    tu = cfg.tuning
+    _one_of(tu.framework, "tuning.framework", ("optuna", "ray"))
+    _check(tu.num_trials > 0, "tuning.num_trials", "must be > 0")
+    _one_of(tu.direction, "tuning.direction", ("minimize", "maximize"))
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -1,0 +1,180 @@
+"""Text -> one memory-mapped token file (built once, cached) -> packed, seeded batches.
+
+Documents are concatenated with an end-of-document token and cut into windows of
+`seq_len + 1` tokens (sequence packing: no padding is ever trained on).  The last
+`val_fraction` of the token stream is the validation split.  Memory use follows the
+batch, not the corpus: the token file is memory-mapped and only the windows of the
+current batch are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vishwamai.config import DataConfig
+from vishwamai.data.corpus import iter_documents, resolve_sources
+from vishwamai.data.tokenizer import Tokenizer, build_tokenizer
+from vishwamai.errors import DataError
+
+DEFAULT_CACHE = Path.home() / ".cache" / "vishwamai" / "data"
+
+
+def _cache_key(files: list[Path], tokenizer: Tokenizer) -> str:
+    h = hashlib.sha256(tokenizer.identity.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
+    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path) -> Path:
+    """Tokenise `files` into out_dir/tokens.bin (+ meta.json), atomically; reuse if present."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bin_path, meta_path = out_dir / "tokens.bin", out_dir / "meta.json"
+    if bin_path.exists() and meta_path.exists():
+        return bin_path
+    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+    # Unique temporary names: several ranks may build the same cache at once;
+    # the rename is atomic, so readers only ever see a complete file.
+    suffix = f".tmp{os.getpid()}"
+    tmp_bin = bin_path.with_name(bin_path.name + suffix)
+    n_tokens, n_docs = 0, 0
+    with open(tmp_bin, "wb") as fh:
+        for doc in iter_documents(files):
+            ids = tokenizer.encode(doc)
+            ids.append(tokenizer.eos_id)
+            fh.write(np.asarray(ids, dtype=dtype).tobytes())
+            n_tokens += len(ids)
+            n_docs += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    tokens = np.memmap(tmp_bin, dtype=dtype, mode="r")
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "num_tokens": n_tokens,
+        "num_documents": n_docs,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": tokenizer.identity,
+        "unigram_entropy_nats": _unigram_entropy_nats(np.asarray(tokens), tokenizer.vocab_size),
+        "sources": [str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
+    }
+    del tokens
+    tmp_meta = meta_path.with_name(meta_path.name + suffix)
+    tmp_meta.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp_bin, bin_path)
+    os.replace(tmp_meta, meta_path)
+    return bin_path
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray  # memory-mapped
+    val: np.ndarray
+    vocab_size: int
+    meta: dict
+    tokenizer: Tokenizer
+
+
+def load_token_data(cfg: DataConfig) -> TokenData:
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    files = resolve_sources(cfg.path, cfg.embedded_max_bytes)
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else DEFAULT_CACHE
+    bin_path = build_token_file(files, tokenizer, cache_root / _cache_key(files, tokenizer))
+    meta = json.loads((bin_path.parent / "meta.json").read_text())
+    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+    n_val = int(len(tokens) * cfg.val_fraction)
+    min_tokens = 2 * (cfg.seq_len + 1)
+    if n_val < cfg.seq_len + 1 or len(tokens) - n_val < min_tokens:
+        raise DataError(
+            f"corpus too small: {len(tokens)} tokens cannot fill a train and a validation window of "
+            f"data.seq_len={cfg.seq_len} with data.val_fraction={cfg.val_fraction}; add text or lower data.seq_len"
+        )
+    return TokenData(tokens[:-n_val], tokens[-n_val:], tokenizer.vocab_size, meta, tokenizer)
+
+
+class SequenceSampler:
+    """Seeded, resumable, rank-aware stream of packed (input, target) batches.
+
+    Each epoch visits every window of the split once in an order drawn from
+    `seed + epoch`.  A call to `next_batch(n)` consumes `n * world_size` windows:
+    rank r takes the r-th slice, so ranks see disjoint data and the union over ranks
+    is exactly what a single process with the same global batch would see.  The
+    position (epoch, cursor) is the whole state: saving it resumes mid-epoch exactly,
+    and the batch size may change between calls (dynamic batch sizing).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.num_windows = (len(tokens) - 1) // seq_len
+        if self.num_windows < world_size:
+            raise DataError(f"{self.num_windows} windows of {seq_len} tokens cannot be split over {world_size} ranks")
+        self.epoch, self.cursor = 0, 0
+        self._order: Optional[torch.Tensor] = None
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self._order is None:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + self.epoch)
+                self._order = torch.randperm(self.num_windows, generator=g)
+            else:
+                self._order = torch.arange(self.num_windows)
+        return self._order
+
+    def _take(self, count: int) -> torch.Tensor:
+        taken = []
+        while count > 0:
+            order = self._epoch_order()
+            chunk = order[self.cursor: self.cursor + count]
+            taken.append(chunk)
+            self.cursor += len(chunk)
+            count -= len(chunk)
+            if self.cursor >= self.num_windows:
+                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
+        return torch.cat(taken)
+
+    def window_ids(self, batch_size: int) -> torch.Tensor:
+        ids = self._take(batch_size * self.world_size)
+        return ids[self.rank * batch_size: (self.rank + 1) * batch_size]
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gather(self.window_ids(batch_size))
+
+    def gather(self, window_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = window_ids.numpy() * self.seq_len
+        rows = np.stack([self.tokens[s: s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
+        self._order = None
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int,
+                 rank: int = 0, world_size: int = 1):
+    """The same validation windows, in order, at every evaluation (comparable val_loss)."""
+    sampler = SequenceSampler(tokens, seq_len, seed=0, rank=rank, world_size=world_size, shuffle=False)
+    n = min(max_batches, max(1, sampler.num_windows // (batch_size * world_size)))
+    per_rank = min(batch_size, math.ceil(sampler.num_windows / world_size))
+    for _ in range(n):
+        yield sampler.next_batch(per_rank)

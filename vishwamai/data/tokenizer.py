@@ -1,0 +1,61 @@
+"""Tokenizers: byte-level by default (nothing to download), or a local tokenizer.json."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Protocol
+
+from vishwamai.errors import ConfigError
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    identity: str  # changes whenever the mapping text -> ids changes (cache key)
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255, plus id 256 marking the end of a document."""
+
+    vocab_size = 257
+    eos_id = 256
+    identity = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizerFile:
+    """A local `tokenizer.json` (Hugging Face `tokenizers` format)."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ConfigError("data.tokenizer", "a tokenizer file needs `pip install tokenizers`") from e
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError("data.tokenizer", f"tokenizer file not found: {file}")
+        self._tok = _Tok.from_file(str(file))
+        self.vocab_size = self._tok.get_vocab_size()
+        eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>") if self._tok.token_to_id(t) is not None), None)
+        self.eos_id = self._tok.token_to_id(eos) if eos else self.vocab_size - 1
+        self.identity = "hf-" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+def build_tokenizer(spec: str) -> Tokenizer:
+    return ByteTokenizer() if spec == "byte" else HFTokenizerFile(spec)

@@ -1,0 +1,281 @@
+"""The training loop: fetch -> forward -> loss -> backward (accumulate) -> clip -> step.
+
+Everything else subscribes to events (vishwamai/train/events.py).  Attributes that
+callbacks may read or change:
+  state              TrainState: step, tokens, best validation loss... (saved in checkpoints)
+  micro_batch_size   sequences per forward/backward (dynamic batch sizing changes it)
+  batch_size         sequences per optimizer step on this rank; a step is split into
+                     ceil(batch_size / micro_batch_size) micro-batches, each weighted by
+                     its share of the batch, so the gradient does not depend on the split
+  eval_batch_size    sequences per forward during evaluation (own back-off)
+  forward_kwargs     extra model outputs wanted (distillation: hidden states, attentions)
+  metrics            this step's figures; loggers write them at on_step_end
+  skip_update        set in on_before_optimizer_step to drop this step's update
+  should_stop        set to end training after this step
+  summary            figures for summary.json; features add theirs at on_train_end
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vishwamai.config import VishwamaiConfig
+from vishwamai.data import SequenceSampler, eval_batches
+from vishwamai.distributed import Parallelism
+from vishwamai.errors import VishwamaiError
+from vishwamai.train.events import Callback
+from vishwamai.train.precision import Precision
+
+
+class NonFiniteLossError(VishwamaiError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken (including skipped ones)
+    tokens_seen: int = 0  # over all ranks
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_bad_steps: int = 0
+    best_val_loss: float = math.inf
+    last_val_loss: Optional[float] = None
+    last_train_loss: Optional[float] = None
+    train_time_s: float = 0.0  # accumulated over resumes
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: VishwamaiConfig,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        sampler: SequenceSampler,
+        val_tokens: np.ndarray,
+        precision: Precision,
+        parallel: Parallelism,
+        device: torch.device,
+        callbacks: list[Callback] = (),
+    ):
+        self.cfg = cfg
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.sampler, self.val_tokens = sampler, val_tokens
+        self.precision, self.parallel, self.device = precision, parallel, device
+        self.callbacks = list(callbacks)
+        self.state = TrainState()
+        t = cfg.training
+        self.batch_size = t.batch_size * t.gradient_accumulation_steps
+        self.micro_batch_size = t.batch_size
+        self.eval_batch_size = t.batch_size
+        self.forward_kwargs: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self.skip_update = False
+        self.should_stop = False
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ events
+    @property
+    def is_main(self) -> bool:
+        return self.parallel.is_main
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        """The model without DDP/FSDP/compile wrappers (for saving, teachers, masks)."""
+        model = self.parallel.unwrap(self.model)
+        return getattr(model, "_orig_mod", model)
+
+    def fire(self, event: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, **kwargs)
+
+    def _handled_by_callback(self, error: BaseException) -> bool:
+        return any(cb.on_step_error(self, error=error) for cb in self.callbacks)
+
+    def add_callback(self, callback: Callback) -> None:
+        self.callbacks.append(callback)
+
+    # -------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.training
+        self.fire("on_train_start")
+        while self.state.step < t.max_steps and not self.should_stop:
+            self.metrics = {}
+            self.fire("on_step_start")
+            self._train_step_with_recovery()
+            every = t.eval_every_n_steps
+            if (every and self.state.step % every == 0) or self.state.step == t.max_steps:
+                self.evaluate()
+            self.fire("on_step_end")
+        if self.state.last_val_loss is None:
+            self.evaluate()
+        self.fire("on_train_end")
+        return self.summary
+
+    def _train_step_with_recovery(self) -> None:
+        # The step's samples are drawn once: a step redone after a handled error
+        # (e.g. out-of-memory -> smaller micro-batch) trains on the same samples.
+        window_ids = self.sampler.window_ids(self.batch_size)
+        while True:
+            try:
+                self.train_step(window_ids)
+                return
+            except Exception as error:  # noqa: BLE001 - callbacks decide what is recoverable
+                self.optimizer.zero_grad(set_to_none=True)
+                if not self._handled_by_callback(error):
+                    raise
+
+    def train_step(self, window_ids: torch.Tensor) -> None:
+        start = time.perf_counter()
+        self.model.train()
+        self.skip_update = False
+        chunks = window_ids.split(self.micro_batch_size)
+        loss_sum = torch.zeros((), device=self.device)
+        term_sums: dict[str, torch.Tensor] = {}
+        for i, chunk in enumerate(chunks):
+            weight = len(chunk) / len(window_ids)
+            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.sampler.gather(chunk))
+            with self.parallel.accumulation_context(self.model, is_last_micro_batch=i == len(chunks) - 1):
+                with self.precision.autocast():
+                    terms = self.compute_loss(inputs, targets)
+                    loss = sum(terms.values())
+                self.precision.backward(loss * weight)
+            loss_sum += loss.detach() * weight
+            for name, value in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + value.detach() * weight
+        self.fire("on_after_backward")
+        self.precision.unscale_(self.optimizer)
+        grad_norm = self._clip_gradients()
+        loss_value = self.parallel.all_reduce_mean(loss_sum).item()
+        self._guard_non_finite(loss_value, grad_norm)
+        self.fire("on_before_optimizer_step")
+        if not self.skip_update:
+            self.precision.step(self.optimizer)
+        self.precision.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self._account(len(window_ids), loss_value, grad_norm, term_sums, time.perf_counter() - start)
+
+    def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy, plus whatever terms callbacks add in on_loss (e.g. distillation)."""
+        outputs = self.model(inputs, **self.forward_kwargs)
+        # Cross-entropy in float32 for a numerically stable log-softmax under autocast.
+        ce = F.cross_entropy(outputs.logits.flatten(0, 1).float(), targets.flatten())
+        terms = {"ce": ce}
+        self.fire("on_loss", inputs=inputs, targets=targets, outputs=outputs, terms=terms)
+        return terms
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.training.grad_clip or math.inf
+        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+
+    def _guard_non_finite(self, loss: float, grad_norm: float) -> None:
+        """A non-finite loss or gradient never reaches the weights: skip, count, stop after K."""
+        # With fp16 loss scaling, inf gradients are the scaler's normal business.
+        bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.precision.uses_loss_scaling)
+        bad = self.parallel.any(bad)
+        if not bad:
+            self.state.consecutive_bad_steps = 0
+            return
+        self.skip_update = True
+        self.state.skipped_steps += 1
+        self.state.consecutive_bad_steps += 1
+        self.metrics["skipped_non_finite"] = 1
+        limit = self.cfg.training.max_consecutive_bad_steps
+        if self.state.consecutive_bad_steps >= limit:
+            raise NonFiniteLossError(
+                f"{limit} consecutive steps had a non-finite loss or gradient (step {self.state.step}); "
+                "stopping. Lower training.optimizer.lr, enable gradient clipping, or check the data."
+            )
+
+    def _account(self, n_samples: int, loss: float, grad_norm: float, terms: dict, seconds: float) -> None:
+        world = self.parallel.world_size
+        tokens = n_samples * self.sampler.seq_len * world
+        s = self.state
+        s.step += 1
+        s.tokens_seen += tokens
+        s.samples_seen += n_samples * world
+        s.last_train_loss = loss
+        s.train_time_s += seconds
+        self.metrics.update(
+            step=s.step,
+            loss=loss,
+            lr=self.optimizer.param_groups[0]["lr"],
+            grad_norm=grad_norm,
+            batch_size=n_samples * world,
+            micro_batch_size=self.micro_batch_size,
+            tokens=tokens,
+            step_time_s=seconds,
+            tokens_per_s=tokens / seconds,
+        )
+        if len(terms) > 1:
+            for name, value in terms.items():
+                self.metrics[f"loss_{name}"] = self.parallel.all_reduce_mean(torch.as_tensor(value)).item()
+
+    # --------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, token count
+        p = self.parallel
+        for inputs, targets in eval_batches(self.val_tokens, self.sampler.seq_len, self.eval_batch_size,
+                                            self.cfg.training.eval_batches, p.rank, p.world_size):
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.precision.autocast():
+                logits = self.model(inputs).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64,
+                                                                device=self.device)])
+        total = p.all_reduce_mean(total)
+        val_loss = (total[0] / total[1]).item()
+        self.state.last_val_loss = val_loss
+        self.state.best_val_loss = min(self.state.best_val_loss, val_loss)
+        self.metrics["val_loss"] = val_loss
+        self.metrics["val_perplexity"] = math.exp(min(val_loss, 50.0))
+        self.fire("on_eval_end", val_loss=val_loss)
+        return val_loss
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
+        """Everything needed for exact resume except the model weights."""
+        state = {
+            "trainer": self.state.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "precision": self.precision.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "batch": {"batch_size": self.batch_size, "micro_batch_size": self.micro_batch_size,
+                      "eval_batch_size": self.eval_batch_size},
+            "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks if cb.state_key},
+        }
+        if include_optimizer:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state["trainer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.precision.load_state_dict(state["precision"])
+        self.sampler.load_state_dict(state["sampler"])
+        for key, value in state["batch"].items():
+            setattr(self, key, value)
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("callbacks", {})
+        for cb in self.callbacks:
+            if cb.state_key and cb.state_key in saved:
+                cb.load_state_dict(saved[cb.state_key])

@@ -1,0 +1,163 @@
+"""The Hydra entry point: build everything from the config, then train.
+
+    python -m vishwamai.training_v2 [key=value ...]
+
+Reads top to bottom as the recipe: validate -> distributed -> data -> model ->
+optimizer -> callbacks (one per configured feature) -> Trainer.fit -> summary.json.
+`run(cfg)` is the same recipe for Python callers (tuning trials, KFP components).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vishwamai.config import register_schema, validate
+from vishwamai.errors import ConfigError, NotImplementedYet, VishwamaiError
+
+register_schema()
+
+# Exit code for errors that a retry cannot fix (bad config, bad data, NaN run):
+# Kubernetes restart policies key on it so such a pod is not restarted forever.
+EXIT_NON_RETRYABLE = 2
+
+
+def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> DictConfig:
+    """The config `python -m vishwamai.training_v2 *overrides` would get, for Python callers."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("vishwamai.configs", version_base="1.3"):
+        cfg = compose("default_config", overrides=list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
+    return cfg
+
+
+def reject_unimplemented(cfg: DictConfig) -> None:
+    """Configured features that this build does not provide yet fail loudly, never silently."""
+    pending = {
+        "dynamic_batch_size.enabled": cfg.dynamic_batch_size.enabled,
+        "distillation.enabled": cfg.distillation.enabled,
+        "distillation.pruning.enabled": cfg.distillation.pruning.enabled,
+        "distillation.quantization.enabled": cfg.distillation.quantization.enabled,
+        "tuning.enabled": cfg.tuning.enabled,
+        "checkpointing.every_n_steps": cfg.checkpointing.every_n_steps > 0,
+        "checkpointing.save_zero_redundancy": cfg.checkpointing.save_zero_redundancy,
+        "training.resume": cfg.training.resume is not None,
+    }
+    for key, requested in pending.items():
+        if requested:
+            raise NotImplementedYet(key)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """One entry per feature; each lives in the module its config key names."""
+    from vishwamai.checkpoint import FinalModelCheckpoint
+    from vishwamai.monitoring import build_monitoring
+
+    callbacks = []
+    callbacks += build_monitoring(cfg, run_dir)
+    callbacks.append(FinalModelCheckpoint(run_dir))
+    return callbacks
+
+
+def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
+    """Train one model as `cfg` says; returns the summary also written to summary.json."""
+    validate(cfg)
+    reject_unimplemented(cfg)
+    from vishwamai.data import SequenceSampler, load_token_data
+    from vishwamai.distributed import build_parallelism
+    from vishwamai.model import build_model, check_fits
+    from vishwamai.train import Trainer
+    from vishwamai.train.optim import build_optimizer, build_scheduler
+    from vishwamai.train.precision import Precision
+
+    wall_start = time.time()
+    run_dir = Path(cfg.run_dir)
+    t = cfg.training
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    parallel = build_parallelism(cfg)
+    device = parallel.device(t.device)
+    check_fits(cfg.model, device, parallel.world_size, parallel.sharded)
+    data = load_token_data(cfg.data)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
+                                              f"vocabulary ({data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
+    if parallel.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    seed_everything(t.seed)
+    model = build_model(cfg.model, device, check_memory=False)
+    model = parallel.wrap(model)
+    if t.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, t.optimizer)
+    scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)
+    sampler = SequenceSampler(data.train, cfg.data.seq_len, t.seed, parallel.rank, parallel.world_size)
+    trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, Precision(cfg.amp, device),
+                      parallel, device, build_callbacks(cfg, run_dir) + list(extra_callbacks))
+    trainer.fit()
+
+    s = trainer.state
+    summary = {
+        "final_val_loss": s.last_val_loss,
+        "best_val_loss": s.best_val_loss,
+        "final_train_loss": s.last_train_loss,
+        "steps": s.step,
+        "tokens": s.tokens_seen,
+        "skipped_steps": s.skipped_steps,
+        "train_time_s": s.train_time_s,
+        "wall_time_s": time.time() - wall_start,
+        "tokens_per_s": s.tokens_seen / max(s.train_time_s, 1e-9),
+        "num_parameters": trainer.raw_model.num_parameters(),
+        "unigram_entropy_nats": data.meta["unigram_entropy_nats"],
+        "world_size": parallel.world_size,
+        "run_dir": str(run_dir),
+        **trainer.summary,
+    }
+    if parallel.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    parallel.shutdown()
+    return summary
+
+
+def print_outcome(summary: dict[str, Any]) -> None:
+    run_dir = Path(summary["run_dir"])
+    print(f"\nvalidation loss {summary['final_val_loss']:.4f} nats/token "
+          f"(corpus unigram entropy {summary['unigram_entropy_nats']:.4f}) after {summary['steps']} steps, "
+          f"{summary['tokens_per_s']:,.0f} tokens/s")
+    print(f"run directory: {run_dir}")
+    for label, key in (("checkpoint", "final_checkpoint"), ("tensorboard", "tensorboard_dir"),
+                       ("mlflow", "mlflow_run"), ("report", "report")):
+        if key in summary:
+            print(f"  {label}: {summary[key]}")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="default_config")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = run(cfg)
+    except VishwamaiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NON_RETRYABLE)
+    if summary.get("run_dir") and (summary.get("world_size", 1) == 1 or summary.get("rank", 0) == 0):
+        print_outcome(summary)
+
+
+if __name__ == "__main__":
+    main()
