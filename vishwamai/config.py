@@ -95,6 +95,9 @@ class TrainingConfig:
     eval_batches: int = 20
     # null = no resume; "auto" = latest valid checkpoint in the run dir; or a path.
     resume: Optional[str] = None
+    # Start from the weights of another model (a run dir or a checkpoint dir): its
+    # architecture replaces `model` (fine-tuning, pruning or distilling a pretrained model).
+    init_from: Optional[str] = None
     compile: bool = False
     # Intra-op CPU threads; null = torch's default.
     num_threads: Optional[int] = None

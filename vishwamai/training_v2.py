@@ -63,6 +63,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def adopt_architecture(cfg: DictConfig) -> None:
+    """training.init_from: the model block becomes the checkpoint's own architecture."""
+    import dataclasses
+
+    from vishwamai.checkpoint import find_model_dir, read_model_config
+
+    source = read_model_config(find_model_dir(cfg.training.init_from))
+    for key, value in dataclasses.asdict(source).items():
+        if key != "parallel_factor":
+            cfg.model[key] = value
+
+
+def load_weights_into(model: torch.nn.Module, path: str) -> None:
+    from vishwamai.checkpoint import find_model_dir, load_model
+
+    model.load_state_dict(load_model(find_model_dir(path)).state_dict())
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """One entry per feature; each lives in the module its config key names."""
     from vishwamai.checkpoint import FinalModelCheckpoint
@@ -86,6 +104,8 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     from vishwamai.train.precision import Precision
 
     wall_start = time.time()
+    if cfg.training.init_from:
+        adopt_architecture(cfg)
     run_dir = Path(cfg.run_dir)
     t = cfg.training
     if t.num_threads:
@@ -103,6 +123,8 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
 
     seed_everything(t.seed)
     model = build_model(cfg.model, device, check_memory=False)
+    if t.init_from:
+        load_weights_into(model, t.init_from)
     model = parallel.wrap(model)
     if t.compile:
         model = torch.compile(model)
