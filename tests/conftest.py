@@ -1,0 +1,40 @@
+"""Shared fixtures: a very small configuration that trains in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep each test process to one intra-op thread: tests run beside each other on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY_OVERRIDES = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=64",
+    "data.seq_len=32",
+    "data.embedded_max_bytes=200000",
+    "training.batch_size=4",
+    "training.max_steps=10",
+    "training.eval_every_n_steps=5",
+    "training.eval_batches=2",
+    "training.log_every_n_steps=1",
+    "training.progress_bar=false",
+    "training.scheduler.warmup_steps=2",
+    "monitoring.enabled=false",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Overrides for a tiny, fast run (copy: tests may extend it)."""
+    return list(TINY_OVERRIDES)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_overrides):
+    from vishwamai.training_v2 import compose_config
+
+    return compose_config(tiny_overrides, run_dir=str(tmp_path / "run"))

@@ -1,0 +1,109 @@
+"""Config validation: bad input is rejected before compute, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from vishwamai.config import validate
+from vishwamai.errors import ConfigError
+from vishwamai.training_v2 import compose_config
+
+
+def test_defaults_compose_and_validate():
+    cfg = compose_config(run_dir="/tmp/x")
+    validate(cfg)
+    assert cfg.model.name == "tiny"
+    assert cfg.training.optimizer.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.dropout_rat=0.2", "dropout_rat"),
+    ("training.optimiser.lr=0.1", "optimiser"),
+    ("monitoring.tensorbord.enabled=false", "tensorbord"),
+])
+def test_misspelt_key_is_rejected_with_its_name(override, key):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([override], run_dir="/tmp/x")
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.max_steps=many", "max_steps"),
+    ("amp.enabled=perhaps", "enabled"),
+    ("model.dropout_rate=high", "dropout_rate"),
+])
+def test_wrong_type_is_rejected_with_its_name(override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as err:
+        compose_config([override], run_dir="/tmp/x")
+    assert key in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["training.optimizer.lr=0"], "training.optimizer.lr"),
+    (["training.optimizer.lr=-1e-3"], "training.optimizer.lr"),
+    (["model.dropout_rate=1.0"], "model.dropout_rate"),
+    (["model.dropout_rate=-0.1"], "model.dropout_rate"),
+    (["dynamic_batch_size.enabled=true", "dynamic_batch_size.min_batch_size=256"], "dynamic_batch_size.min_batch_size"),
+    (["model.n_heads=5"], "model.n_heads"),
+    (["data.seq_len=4096"], "data.seq_len"),
+    (["amp.dtype=float8"], "amp.dtype"),
+    (["distributed.strategy=pipeline"], "distributed.strategy"),
+    (["checkpointing.mode=sideways"], "checkpointing.mode"),
+    (["distillation.quantization.enabled=true", "distillation.quantization.precision=int4"],
+     "distillation.quantization.precision"),
+])
+def test_range_and_cross_field_checks_name_the_key(overrides, key):
+    cfg = compose_config(overrides, run_dir="/tmp/x")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+SEED_COMMAND_LINES = [
+    ["training.optimizer.lr=3e-4", "model.dropout_rate=0.2"],
+    ["model=7B"],
+    ["model=10B"],
+    ["training.max_steps=50000"],
+    ["amp.enabled=true"],
+    ["dynamic_batch_size.enabled=true"],
+    ["distributed.strategy=data_parallel"],
+    ["distributed.strategy=model_parallel", "distributed.world_size=16", "distributed.node_rank=0",
+     "model.parallel_factor=2"],
+    ["monitoring.wandb.enabled=true"],
+    ["tuning.enabled=true", "tuning.framework=optuna"],
+    ["tuning.enabled=true", "tuning.framework=ray"],
+    ["tuning.enabled=true", "tuning.framework=optuna", "tuning.num_trials=100", "tuning.metric=validation_loss"],
+    ["distillation.enabled=true", "distillation.teacher_model.path=/path/to/teacher"],
+    ["distillation.enabled=true", "distillation.teacher_model.path=/t",
+     "distillation.feature_distillation.enabled=true", "distillation.feature_distillation.layers=[0,6,11]"],
+    ["distillation.enabled=true", "distillation.teacher_model.path=/t", "distillation.attention_distillation.enabled=true"],
+]
+
+
+@pytest.mark.parametrize("overrides", SEED_COMMAND_LINES, ids=lambda o: " ".join(o))
+def test_seed_command_lines_parse_and_validate(overrides):
+    validate(compose_config(overrides, run_dir="/tmp/x"))
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vishwamai.training_v2", *args, f"hydra.run.dir={cwd}/run"],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_cli_typo_fails_before_compute_naming_the_key(tmp_path):
+    proc = _cli("training.optimizer.lrr=1e-3", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cli_model_too_big_for_machine_fails_fast_with_memory_needed(tmp_path):
+    proc = _cli("model=10B", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "needs about" in proc.stderr and "GiB" in proc.stderr and "10B" in proc.stderr

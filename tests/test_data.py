@@ -1,0 +1,130 @@
+"""Data pipeline: tokenizer, corpus -> memory-mapped tokens (cached), seeded rank-aware sampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vishwamai.config import DataConfig
+from vishwamai.data import ByteTokenizer, SequenceSampler, load_token_data
+from vishwamai.errors import ConfigError, DataError
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = ByteTokenizer()
+    text = "naïve café — 日本語 ✓"
+    ids = tok.encode(text)
+    assert max(ids) < 256 and tok.decode(ids) == text
+    assert tok.decode(ids + [tok.eos_id]) == text
+
+
+def _corpus(tmp_path, docs):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i, doc in enumerate(docs):
+        (folder / f"{i:02d}.txt").write_text(doc)
+    return folder
+
+
+def test_folder_to_token_file_round_trip_and_split(tmp_path):
+    docs = [f"document {i}: " + "lorem ipsum " * 40 for i in range(10)]
+    cfg = DataConfig(path=str(_corpus(tmp_path, docs)), seq_len=16, val_fraction=0.1, cache_dir=str(tmp_path / "c"))
+    data = load_token_data(cfg)
+    tokens = np.concatenate([data.train, data.val])
+    tok = ByteTokenizer()
+    expected = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
+    assert tokens.tolist() == expected
+    assert len(data.val) == int(len(expected) * 0.1)
+    assert isinstance(data.train, np.memmap)
+    assert 0 < data.meta["unigram_entropy_nats"] < np.log(257)
+
+
+def test_token_file_is_built_once_and_reused(tmp_path):
+    cfg = DataConfig(path=str(_corpus(tmp_path, ["abc " * 500])), seq_len=16, cache_dir=str(tmp_path / "c"))
+    load_token_data(cfg)
+    (bin_path,) = (tmp_path / "c").rglob("tokens.bin")
+    stamp = bin_path.stat().st_mtime_ns
+    load_token_data(cfg)
+    assert bin_path.stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "c").rglob("*.tmp*")), "no temporary files left behind"
+
+
+def test_jsonl_source_and_bad_record_named_with_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"text": "hello world " * 30}) for _ in range(5)))
+    data = load_token_data(DataConfig(path=str(good), seq_len=16, cache_dir=str(tmp_path / "c")))
+    assert data.meta["num_documents"] == 5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no text field"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        load_token_data(DataConfig(path=str(bad), seq_len=16, cache_dir=str(tmp_path / "c")))
+
+
+def test_missing_path_and_tiny_corpus_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.path"):
+        load_token_data(DataConfig(path=str(tmp_path / "nope"), cache_dir=str(tmp_path)))
+    small = tmp_path / "small.txt"
+    small.write_text("too short")
+    with pytest.raises(DataError, match="corpus too small"):
+        load_token_data(DataConfig(path=str(small), seq_len=64, cache_dir=str(tmp_path)))
+
+
+def test_embedded_corpus_needs_no_download(tmp_path):
+    data = load_token_data(DataConfig(embedded_max_bytes=100_000, cache_dir=str(tmp_path)))
+    assert data.meta["num_tokens"] > 50_000
+
+
+def test_local_tokenizer_file(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog " * 200)
+    data = load_token_data(DataConfig(path=str(corpus), tokenizer=str(path), seq_len=8, cache_dir=str(tmp_path)))
+    assert data.vocab_size == tok.get_vocab_size()
+    assert data.tokenizer.eos_id == tok.token_to_id("</s>")
+    assert data.tokenizer.decode(data.train[:4].tolist()).startswith("the quick")
+
+
+def test_sampler_is_seeded_shifted_and_resumable():
+    tokens = np.arange(1000, dtype=np.uint16)
+    a, b = SequenceSampler(tokens, 10, seed=7), SequenceSampler(tokens, 10, seed=7)
+    x, y = a.next_batch(4)
+    torch.testing.assert_close(x, b.next_batch(4)[0])
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    assert not torch.equal(x, SequenceSampler(tokens, 10, seed=8).next_batch(4)[0])
+    # Resume mid-epoch and across the epoch boundary from the saved position.
+    for _ in range(30):
+        a.next_batch(3)
+    resumed = SequenceSampler(tokens, 10, seed=0)
+    resumed.load_state_dict(a.state_dict())
+    for _ in range(40):
+        torch.testing.assert_close(a.next_batch(5)[0], resumed.next_batch(5)[0])
+
+
+def test_ranks_see_disjoint_data_whose_union_is_the_single_process_batch():
+    tokens = np.arange(2000, dtype=np.uint16)
+    single = SequenceSampler(tokens, 10, seed=3)
+    ranks = [SequenceSampler(tokens, 10, seed=3, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):
+        expected = single.window_ids(8)
+        parts = [s.window_ids(4) for s in ranks]
+        assert not set(parts[0].tolist()) & set(parts[1].tolist())
+        assert torch.equal(torch.cat(parts), expected)
+
+
+def test_each_epoch_visits_every_window_once():
+    tokens = np.arange(101, dtype=np.uint16)
+    sampler = SequenceSampler(tokens, 10, seed=1)
+    seen = torch.cat([sampler.window_ids(2) for _ in range(5)])
+    assert sorted(seen.tolist()) == list(range(10))
+    assert sampler.epoch == 1
