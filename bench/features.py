@@ -1,0 +1,45 @@
+"""The cost of each feature when on, as a ratio to the bare trainer (tokens/s), interleaved.
+
+    python bench/features.py [--steps 30] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import interleave, median, record, spread  # noqa: E402
+from throughput import vishwamai_trainer  # noqa: E402
+
+FEATURES = {
+    "bare trainer": ["monitoring.enabled=false"],
+    "monitoring (defaults: TensorBoard + MLflow)": ["monitoring.enabled=true"],
+    "checkpointing every 10 steps": ["checkpointing.every_n_steps=10"],
+    "dynamic batch (8 -> 16)": ["dynamic_batch_size.enabled=true", "dynamic_batch_size.initial_batch_size=8",
+                                "dynamic_batch_size.target_batch_size=16", "dynamic_batch_size.min_batch_size=4",
+                                "dynamic_batch_size.stable_steps=1000"],
+    "AMP bf16 autocast (CPU)": ["amp.enabled=true"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path("/tmp/vishwamai_bench")
+    variants = {name: (lambda extra=extra: vishwamai_trainer(args.steps, False, tmp, extra))
+                for name, extra in FEATURES.items()}
+    results = interleave(variants, args.rounds)
+    base = median([r["tokens_per_s"] for r in results["bare trainer"]])
+    lines = ["| feature on | tokens/s | ratio to bare trainer |", "|---|---|---|"]
+    for name, rs in results.items():
+        tps = [r["tokens_per_s"] for r in rs]
+        lines.append(f"| {name} | {spread(tps)} | {median(tps) / base:.3f} |")
+    record(f"feature costs, {args.steps} steps x {args.rounds} rounds", lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Throughput: vishwamai's Trainer vs a good hand-written PyTorch loop vs Hugging Face Trainer.
+
+Same model size (4 layers, 256 wide, 4 heads, vocab 257), same tokens (the embedded corpus, byte
+level, sequence 256, batch 8), same optimizer (AdamW), fp32, same threads. Interleaved rounds in
+one process; prints tokens/s medians, step-time spread, RSS and the ratios.
+
+    python bench/throughput.py [--steps 30] [--rounds 3] [--compile] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import interleave, median, record, spread  # noqa: E402
+
+from vishwamai.config import DataConfig, ModelConfig  # noqa: E402
+from vishwamai.data import SequenceSampler, load_token_data  # noqa: E402
+from vishwamai.model import Transformer  # noqa: E402
+from vishwamai.train.optim import build_optimizer  # noqa: E402
+from vishwamai.training_v2 import compose_config, run  # noqa: E402
+
+SEQ, BATCH, WARMUP = 256, 8, 3
+MODEL = ModelConfig(vocab_size=257, d_model=256, n_layers=4, n_heads=4, max_seq_len=SEQ)
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[str] = ()) -> dict:
+    overrides = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", f"data.seq_len={SEQ}",
+                 f"training.batch_size={BATCH}", f"training.max_steps={steps + WARMUP}",
+                 "training.eval_every_n_steps=0", "training.eval_batches=1", "training.progress_bar=false",
+                 "monitoring.enabled=false", f"training.compile={str(compile_model).lower()}", *extra]
+    run_dir = tmp / f"v{time.monotonic_ns()}"
+    run(compose_config(overrides, run_dir=str(run_dir)))
+    import json
+
+    times = [json.loads(line)["step_time_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return _figures(times[WARMUP:] if len(times) > WARMUP else times)
+
+
+def _figures(step_times: list[float]) -> dict:
+    tokens = SEQ * BATCH
+    return {"tokens_per_s": tokens / median(step_times), "step_ms": 1000 * median(step_times),
+            "rss_mb": rss_mb()}
+
+
+def bare_loop(steps: int, compile_model: bool) -> dict:
+    """A good baseline: foreach AdamW, SDPA attention (same model class), no extras."""
+    torch.manual_seed(0)
+    data = load_token_data(DataConfig(seq_len=SEQ))
+    sampler = SequenceSampler(data.train, SEQ, seed=0)
+    model = Transformer(MODEL)
+    opt = build_optimizer(model, compose_config(run_dir="/tmp").training.optimizer)
+    step_model = torch.compile(model) if compile_model else model
+    times = []
+    for _ in range(steps + WARMUP):
+        start = time.perf_counter()
+        x, y = sampler.next_batch(BATCH)
+        loss = F.cross_entropy(step_model(x).logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return _figures(times[WARMUP:])
+
+
+def hf_trainer(steps: int) -> dict:
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    transformers.logging.set_verbosity_error()
+    data = load_token_data(DataConfig(seq_len=SEQ))
+    sampler = SequenceSampler(data.train, SEQ, seed=0)
+
+    class Windows(torch.utils.data.Dataset):
+        def __len__(self):
+            return (steps + WARMUP) * BATCH
+
+        def __getitem__(self, i):
+            x, _ = sampler.gather(torch.tensor([i]))
+            return {"input_ids": x[0], "labels": x[0]}
+
+    times, start = [], [0.0]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            start[0] = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - start[0])
+
+    cfg = GPT2Config(vocab_size=257, n_positions=SEQ, n_embd=256, n_layer=4, n_head=4)
+    model = GPT2LMHeadModel(cfg)
+    args = TrainingArguments(output_dir="/tmp/hf_bench", per_device_train_batch_size=BATCH, max_steps=steps + WARMUP,
+                             learning_rate=3e-4, weight_decay=0.1, report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Timer()]).train()
+    return _figures(times[WARMUP:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both vishwamai and the bare loop")
+    parser.add_argument("--no-hf", action="store_true")
+    args = parser.parse_args()
+    tmp = Path("/tmp/vishwamai_bench")
+    variants = {
+        "bare_loop": lambda: bare_loop(args.steps, args.compile),
+        "vishwamai": lambda: vishwamai_trainer(args.steps, args.compile, tmp),
+        "vishwamai+monitoring+ckpt": lambda: vishwamai_trainer(
+            args.steps, args.compile, tmp, ["monitoring.enabled=true", "monitoring.mlflow.enabled=false",
+                                            f"checkpointing.every_n_steps={max(1, args.steps // 2)}"]),
+    }
+    if not args.no_hf:
+        variants["hf_trainer"] = lambda: hf_trainer(args.steps)
+    results = interleave(variants, args.rounds)
+    tps = {name: median([r["tokens_per_s"] for r in rs]) for name, rs in results.items()}
+    lines = ["| variant | tokens/s (median, ±half-range) | step ms (median) | RSS MB after |", "|---|---|---|---|"]
+    for name, rs in results.items():
+        lines.append(f"| {name} | {spread([r['tokens_per_s'] for r in rs])} | "
+                     f"{median([r['step_ms'] for r in rs]):.1f} | {rs[-1]['rss_mb']:.0f} |")
+    lines.append("")
+    lines.append(f"- vishwamai / bare loop: **{tps['vishwamai'] / tps['bare_loop']:.3f}** (target >= 0.97)")
+    lines.append(f"- vishwamai with monitoring + checkpointing / bare loop: "
+                 f"**{tps['vishwamai+monitoring+ckpt'] / tps['bare_loop']:.3f}** (target >= 0.97)")
+    if "hf_trainer" in tps:
+        lines.append(f"- vishwamai / HF Trainer: **{tps['vishwamai'] / tps['hf_trainer']:.3f}** (target >= 1.3)")
+    record(f"throughput{' (torch.compile)' if args.compile else ''}, {args.steps} steps x {args.rounds} rounds",
+           lines)
+    if not all(math.isfinite(v) for v in tps.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
