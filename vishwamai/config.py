@@ -184,10 +184,13 @@ class DynamicBatchConfig:
     growth_factor: float = 2.0
     shrink_factor: float = 0.5
     stable_steps: int = 100
-    # Keep the global batch constant by trading micro-batch for accumulation.
+    # Keep the global batch constant by trading micro-batch for accumulation (the sizes above are
+    # then micro-batch sizes, at most training.batch_size * gradient_accumulation_steps).
+    # Default false: the batch itself grows and shrinks (vishwamai/batching).
     constant_global_batch: bool = False
-    # none | linear | sqrt
+    # none | linear | sqrt: lr follows batch_size / initial_batch_size (plain mode only).
     lr_scaling: str = "none"
+    # Skip the update and shrink when the grad norm exceeds this x the running median; 0 = off.
     grad_spike_factor: float = 10.0
 
 
@@ -392,6 +395,15 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
         _check(0 < b.shrink_factor < 1, "dynamic_batch_size.shrink_factor", "must be in (0, 1)")
         _check(b.stable_steps > 0, "dynamic_batch_size.stable_steps", "must be > 0")
         _one_of(b.lr_scaling, "dynamic_batch_size.lr_scaling", ("none", "linear", "sqrt"))
+        _check(b.grad_spike_factor == 0 or b.grad_spike_factor > 1, "dynamic_batch_size.grad_spike_factor",
+               f"must be > 1 (or 0 to turn spike detection off), got {b.grad_spike_factor}")
+        if b.constant_global_batch:
+            step_batch = cfg.training.batch_size * cfg.training.gradient_accumulation_steps
+            _check(b.target_batch_size <= step_batch, "dynamic_batch_size.target_batch_size",
+                   f"{b.target_batch_size} is a micro-batch size with constant_global_batch=true and cannot "
+                   f"exceed the step's batch (training.batch_size x gradient_accumulation_steps = {step_batch})")
+            _check(b.lr_scaling == "none", "dynamic_batch_size.lr_scaling",
+                   f"{b.lr_scaling!r} has no effect with constant_global_batch=true (the batch does not change)")
 
     _one_of(cfg.distributed.strategy, "distributed.strategy", ("none", "data_parallel", "model_parallel"))
     if cfg.distributed.backend is not None:

@@ -43,7 +43,6 @@ def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> 
 def reject_unimplemented(cfg: DictConfig) -> None:
     """Configured features that this build does not provide yet fail loudly, never silently."""
     pending = {
-        "dynamic_batch_size.enabled": cfg.dynamic_batch_size.enabled,
         "distillation.enabled": cfg.distillation.enabled,
         "distillation.pruning.enabled": cfg.distillation.pruning.enabled,
         "distillation.quantization.enabled": cfg.distillation.quantization.enabled,
@@ -83,10 +82,12 @@ def load_weights_into(model: torch.nn.Module, path: str) -> None:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """One entry per feature; each lives in the module its config key names."""
+    from vishwamai.batching import build_dynamic_batch
     from vishwamai.checkpoint import FinalModelCheckpoint
     from vishwamai.monitoring import build_monitoring
 
     callbacks = []
+    callbacks += build_dynamic_batch(cfg)  # first: its on_step_end adds metrics the loggers write
     callbacks += build_monitoring(cfg, run_dir)
     callbacks.append(FinalModelCheckpoint(run_dir))
     return callbacks

@@ -12,6 +12,7 @@ Order of events in one run:
             on_after_backward
             on_before_optimizer_step (masks, grad checks; may set trainer.skip_update)
             on_step_error            (only if the step raised: return True if handled -> step is redone)
+            on_eval_error            (only if evaluation raised: return True if handled -> redone)
             on_eval_end              (on evaluation steps)
             on_step_end              (logging, dynamic batch, periodic checkpoints)
   on_train_end
@@ -34,6 +35,7 @@ EVENTS = (
     "on_after_backward",
     "on_before_optimizer_step",
     "on_step_error",
+    "on_eval_error",
     "on_eval_end",
     "on_step_end",
     "on_train_end",
@@ -56,6 +58,9 @@ class Callback:
     def on_before_optimizer_step(self, trainer: "Trainer") -> None: ...
 
     def on_step_error(self, trainer: "Trainer", *, error: BaseException) -> bool:
+        return False
+
+    def on_eval_error(self, trainer: "Trainer", *, error: BaseException) -> bool:
         return False
 
     def on_eval_end(self, trainer: "Trainer", *, val_loss: float) -> None: ...

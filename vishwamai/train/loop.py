@@ -7,7 +7,9 @@ callbacks may read or change:
   batch_size         sequences per optimizer step on this rank; a step is split into
                      ceil(batch_size / micro_batch_size) micro-batches, each weighted by
                      its share of the batch, so the gradient does not depend on the split
-  eval_batch_size    sequences per forward during evaluation (own back-off)
+  eval_batch_size    sequences per forward during evaluation (own back-off); the evaluated
+                     windows do not depend on it (batches of training.batch_size are split)
+  grad_norm          this step's gradient norm before clipping (read in on_before_optimizer_step)
   forward_kwargs     extra model outputs wanted (distillation: hidden states, attentions)
   metrics            this step's figures; loggers write them at on_step_end
   skip_update        set in on_before_optimizer_step to drop this step's update
@@ -87,6 +89,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self.skip_update = False
         self.should_stop = False
+        self.grad_norm = math.nan
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ events
@@ -160,7 +163,7 @@ class Trainer:
                 term_sums[name] = term_sums.get(name, 0.0) + value.detach() * weight
         self.fire("on_after_backward")
         self.precision.unscale_(self.optimizer)
-        grad_norm = self._clip_gradients()
+        self.grad_norm = grad_norm = self._clip_gradients()
         loss_value = self.parallel.all_reduce_mean(loss_sum).item()
         self._guard_non_finite(loss_value, grad_norm)
         self.fire("on_before_optimizer_step")
@@ -228,20 +231,17 @@ class Trainer:
                 self.metrics[f"loss_{name}"] = self.parallel.all_reduce_mean(torch.as_tensor(value)).item()
 
     # --------------------------------------------------------------- evaluation
-    @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss sum, token count
-        p = self.parallel
-        for inputs, targets in eval_batches(self.val_tokens, self.sampler.seq_len, self.eval_batch_size,
-                                            self.cfg.training.eval_batches, p.rank, p.world_size):
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with self.precision.autocast():
-                logits = self.model(inputs).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            total += torch.stack([loss.double(), torch.tensor(targets.numel(), dtype=torch.float64,
-                                                                device=self.device)])
-        total = p.all_reduce_mean(total)
+        # An error before the (only) collective can be handled by a callback (on_eval_error,
+        # e.g. out-of-memory -> smaller eval_batch_size) and the evaluation redone.
+        while True:
+            try:
+                total = self._evaluation_sums()
+                break
+            except Exception as error:  # noqa: BLE001 - callbacks decide what is recoverable
+                if not any(cb.on_eval_error(self, error=error) for cb in self.callbacks):
+                    raise
+        total = self.parallel.all_reduce_mean(total)
         val_loss = (total[0] / total[1]).item()
         self.state.last_val_loss = val_loss
         self.state.best_val_loss = min(self.state.best_val_loss, val_loss)
@@ -249,6 +249,23 @@ class Trainer:
         self.metrics["val_perplexity"] = math.exp(min(val_loss, 50.0))
         self.fire("on_eval_end", val_loss=val_loss)
         return val_loss
+
+    @torch.no_grad()
+    def _evaluation_sums(self) -> torch.Tensor:
+        """Summed validation loss and token count on this rank."""
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        p = self.parallel
+        for inputs, targets in eval_batches(self.val_tokens, self.sampler.seq_len, self.cfg.training.batch_size,
+                                            self.cfg.training.eval_batches, p.rank, p.world_size):
+            for x, y in zip(inputs.split(self.eval_batch_size), targets.split(self.eval_batch_size)):
+                x, y = x.to(self.device), y.to(self.device)
+                with self.precision.autocast():
+                    logits = self.model(x).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                total += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64,
+                                                                    device=self.device)])
+        return total
 
     # -------------------------------------------------------------------- state
     def state_dict(self, include_optimizer: bool = True) -> dict[str, Any]:
