@@ -1,0 +1,97 @@
+"""One trial = one ordinary training run with overrides, plus callbacks that report its metric.
+
+Backends differ only in how a value is reported and how a trial is stopped; the
+run itself is always `training_v2.run(trial_cfg, extra_callbacks=[reporter])` in
+RUN_DIR/trials/trial-<n>, so a trial's directory looks like any other run's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig
+
+from vishwamai.train.events import Callback
+from vishwamai.tune.space import apply_overrides
+
+# tuning.metric -> the trainer.metrics entry set at each evaluation.
+METRICS = {"validation_loss": "val_loss", "validation_perplexity": "val_perplexity"}
+
+# Identifies the process running a trial (several workers may share one study).
+WORKER_ID = f"{socket.gethostname()}-{os.getpid()}"
+
+
+class TrialFailed(Exception):
+    """A trial ended without a usable objective value (e.g. a non-finite loss)."""
+
+
+def trial_config(cfg: DictConfig, values: dict[str, Any], run_dir: Path,
+                 tracking_uri: Optional[str] = None) -> DictConfig:
+    """The training config of one trial: sampled overrides, its own run dir, tuning off."""
+    trial = apply_overrides(cfg, values)
+    trial.tuning.enabled = False
+    trial.run_dir = str(run_dir)
+    if tracking_uri:
+        # Otherwise each trial would default to its own RUN_DIR/mlflow.db, away from the study's run.
+        trial.monitoring.mlflow.tracking_uri = tracking_uri
+    return trial
+
+
+def run_trial(trial_cfg: DictConfig, callbacks: list[Callback]) -> dict[str, Any]:
+    from vishwamai.training_v2 import run
+
+    return run(trial_cfg, extra_callbacks=callbacks)
+
+
+def objective_value(summary: dict[str, Any], metric: str) -> float:
+    """The value a finished trial is judged by: the metric at its last evaluation."""
+    value = summary["final_val_loss"]
+    if value is not None and metric == "validation_perplexity":
+        value = math.exp(min(value, 50.0))
+    if value is None or not math.isfinite(value):
+        raise TrialFailed(f"{metric} is {value} (non-finite)")
+    return float(value)
+
+
+def failure_reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:1000]
+
+
+class Reporter(Callback):
+    """Reports the metric at every evaluation; `report(step, value)` returning True stops the run.
+
+    Stopping goes through trainer.should_stop rather than an exception, so the trial
+    still closes its loggers and writes its final checkpoint and summary.
+    """
+
+    def __init__(self, metric: str, report: Callable[[int, float], bool]):
+        self.key = METRICS[metric]
+        self.report = report
+        self.stopped_at: Optional[int] = None
+
+    def on_eval_end(self, trainer, *, val_loss: float) -> None:
+        step = trainer.state.step
+        if self.report(step, float(trainer.metrics[self.key])) and self.stopped_at is None:
+            self.stopped_at = step
+            trainer.should_stop = True
+            trainer.summary["tuning_stopped_at_step"] = step
+
+
+class KatibStdout(Callback):
+    """`validation_loss=1.234567` lines for Katib's StdOut metrics collector.
+
+    One `name=value` pair per line, matching Katib's default filter
+    `([\\w|-]+)\\s*=\\s*([+-]?\\d*(\\.\\d+)?([Ee][+-]?\\d+)?)`; only rank 0 prints.
+    """
+
+    def on_eval_end(self, trainer, *, val_loss: float) -> None:
+        if not trainer.is_main:
+            return
+        for name, key in METRICS.items():
+            value = trainer.metrics.get(key)
+            if value is not None and math.isfinite(value):
+                print(f"{name}={value:.6g}", flush=True)
