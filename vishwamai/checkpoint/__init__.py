@@ -1,26 +1,35 @@
-"""Saving and loading: model weights (safetensors), and the final-model callback."""
+"""Saving and loading: model weights (safetensors), training checkpoints, exact resume.
+
+  save_model / load_model       a model directory (weights + model config), io.py
+  CheckpointManager             the callback: periodic / best / preemption / final saves
+  resume(trainer, spec, run_dir)  training.resume (null | auto | path)
+  find_model_dir(path)          the model directory to load from a run or checkpoint dir
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vishwamai.checkpoint.io import load_model, read_model_config, save_model
+from vishwamai.checkpoint.layout import BEST, FINAL, checkpoints_root, latest_dir
+from vishwamai.checkpoint.manager import CheckpointManager, prepare_checkpoint_dir
+from vishwamai.checkpoint.resume import resume
 from vishwamai.errors import CheckpointError
-from vishwamai.train.events import Callback
 
-__all__ = ["FinalModelCheckpoint", "find_model_dir", "load_model", "read_model_config", "save_model"]
+__all__ = ["CheckpointManager", "build_checkpointing", "find_model_dir", "load_model", "read_model_config",
+           "resume", "save_model"]
 
 
-class FinalModelCheckpoint(Callback):
-    """Saves RUN_DIR/checkpoints/final (weights + model config) when training ends."""
+def build_checkpointing(cfg, run_dir: str | Path) -> list:
+    """The checkpoint callback; fails here, before compute, if checkpoints cannot be written.
 
-    def __init__(self, run_dir: str | Path):
-        self.directory = Path(run_dir) / "checkpoints" / "final"
-
-    def on_train_end(self, trainer) -> None:
-        if trainer.is_main:
-            save_model(self.directory, trainer.raw_model, trainer.cfg.model)
-            trainer.summary["final_checkpoint"] = str(self.directory)
+    checkpointing.save_zero_redundancy needs nothing here: with one process a full checkpoint
+    has no redundancy; with several, the manager writes through distributed/checkpoint.py.
+    """
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank; the main rank owns the directory
+        prepare_checkpoint_dir(checkpoints_root(run_dir))
+    return [CheckpointManager(cfg, run_dir)]
 
 
 def find_model_dir(path: str | Path) -> Path:
@@ -28,9 +37,9 @@ def find_model_dir(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if (path / "model_config.json").is_file():
         return path
-    ckpts = path / "checkpoints"
-    for candidate in (ckpts / "best", ckpts / "latest", ckpts / "final"):
-        if (candidate / "model_config.json").is_file():
+    root = checkpoints_root(path)
+    for candidate in (root / BEST, latest_dir(root), root / FINAL):
+        if candidate is not None and (candidate / "model_config.json").is_file():
             return candidate
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {path}")

@@ -61,23 +61,32 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise CheckpointError(f"unreadable model config {path}: {e}") from e
 
 
+def read_weights(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}")
+    try:
+        return load_file(str(weights), device=str(device))
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise CheckpointError(f"corrupt or unreadable weights {weights}: {e}") from e
+
+
+def apply_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig, source: Path) -> None:
+    """Load `state` into `model` in place (strictly, up to the tied lm_head stored once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied lm_head is stored once, under the embedding's name.
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match its config: missing {missing}, unexpected {unexpected}")
+
+
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
     """Build the model its config describes and load its weights (strictly)."""
     from vishwamai.model import build_model
 
     directory = Path(directory)
     cfg = read_model_config(directory)
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as e:  # safetensors raises several types for corrupt files
-        raise CheckpointError(f"corrupt or unreadable weights {weights}: {e}") from e
+    state = read_weights(directory, device)
     model = build_model(cfg, device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # A tied lm_head is stored once, under the embedding's name.
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+    apply_weights(model, state, cfg, directory / WEIGHTS_FILE)
     return model

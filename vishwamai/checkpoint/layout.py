@@ -1,0 +1,57 @@
+"""Where checkpoints live in a run directory.
+
+  RUN_DIR/checkpoints/step-N/   full training checkpoints (every checkpointing.every_n_steps,
+                                at preemption, and at the end when every_n_steps > 0)
+  RUN_DIR/checkpoints/latest    a small file naming the newest complete step-N directory
+  RUN_DIR/checkpoints/best/     full checkpoint with the best checkpointing.metric so far
+  RUN_DIR/checkpoints/final/    the trained model (weights + model config) at the end
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vishwamai.checkpoint.atomic import read_pointer
+
+CHECKPOINTS_DIR = "checkpoints"
+LATEST = "latest"
+BEST = "best"
+FINAL = "final"
+STEP_PREFIX = "step-"
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step}"
+
+
+def parse_step(name: str) -> int | None:
+    digits = name[len(STEP_PREFIX):] if name.startswith(STEP_PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Published step-N directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(parse_step(p.name), p) for p in root.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def latest_dir(root: Path) -> Path | None:
+    name = read_pointer(root / LATEST)
+    return root / name if name and (root / name).is_dir() else None
+
+
+def resume_candidates(root: Path) -> list[Path]:
+    """Checkpoints to try, best first: the 'latest' pointer's, then the others newest first."""
+    ordered = [latest_dir(root)] + [p for _, p in reversed(step_dirs(root))]
+    seen, result = set(), []
+    for p in ordered:
+        if p is not None and p not in seen:
+            seen.add(p)
+            result.append(p)
+    return result

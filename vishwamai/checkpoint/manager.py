@@ -1,0 +1,248 @@
+"""The checkpointing callback: periodic, best, preemption (SIGTERM) and final saves.
+
+It sits after the feature callbacks and before the loggers (see
+training_v2.build_callbacks): a checkpoint taken at on_step_end holds every
+feature's state as of the end of the step, and the loggers see checkpoint_save_s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+from vishwamai.checkpoint.atomic import TMP_PREFIX, clean_stale, fsync_path, publish_dir, temporary_dir, write_pointer
+from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE, save_model
+from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, latest_dir, step_dirs, step_name
+from vishwamai.checkpoint.manifest import write_manifest
+from vishwamai.checkpoint.state import uses_sharded_checkpoints, write_checkpoint
+from vishwamai.errors import CheckpointError, VishwamaiError
+from vishwamai.train.events import Callback
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the crash tests: seconds to pause after a checkpoint's files are
+# written and before it is published, so a test can kill the process mid-save.
+SAVE_DELAY_ENV = "VISHWAMAI_CHECKPOINT_TEST_DELAY_S"
+
+
+def prepare_checkpoint_dir(root: Path) -> None:
+    """Fail before compute if checkpoints cannot be written; tidy up interrupted saves."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f"{TMP_PREFIX}write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        fsync_path(probe)
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory {root} is not writable: {e.strerror or e}") from e
+    for stale in clean_stale(root):
+        log.info("removed leftover of an interrupted checkpoint save: %s", stale)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (else copy) every file of `src` into `dst`: best/ shares a step's bytes on disk."""
+    for file in src.rglob("*"):
+        if file.is_file():
+            target = dst / file.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, target)
+            except OSError:
+                shutil.copy2(file, target)
+
+
+class CheckpointManager(Callback):
+    state_key = "checkpointing"
+
+    def __init__(self, cfg, run_dir: str | Path):
+        c = cfg.checkpointing
+        self.every, self.keep_last_n = c.every_n_steps, c.keep_last_n
+        self.include_optimizer = c.save_optimizer_state
+        self.save_best, self.metric, self.mode = c.save_best, c.metric, c.mode
+        self.root = checkpoints_root(run_dir)
+        self.best_value: float | None = None
+        self._best_pending = False
+        self._saved_step: int | None = None  # step of the newest step-N saved by this process
+        self._sigterm = False
+        self._previous_handler = None
+        self.preempted = False
+
+    # -------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value = state.get("best_value")
+
+    # ------------------------------------------------------------- events
+    def on_train_start(self, trainer) -> None:
+        if trainer.is_main:
+            self._check_free_space(trainer)
+        self._install_sigterm_handler()
+
+    def on_eval_end(self, trainer, *, val_loss: float) -> None:
+        value = val_loss if self.metric == "validation_loss" else trainer.state.last_train_loss
+        if not self.save_best or value is None or not math.isfinite(value):
+            return
+        if self.best_value is None or (value < self.best_value if self.mode == "min" else value > self.best_value):
+            self.best_value = value
+            self._best_pending = True
+
+    def on_step_end(self, trainer) -> None:
+        stop = trainer.parallel.any(self._sigterm)
+        step = trainer.state.step
+        if stop or (self.every and step % self.every == 0):
+            self.save_step(trainer)
+        if self._best_pending:
+            self.save_best_checkpoint(trainer)
+        if stop:
+            self.preempted = trainer.should_stop = True
+            trainer.summary["preempted"] = True
+            log.warning("SIGTERM received: saved %s at step %d and stopping; resume with training.resume=auto",
+                        self.root / step_name(step), step)
+
+    def on_train_end(self, trainer) -> None:
+        try:
+            if not self.preempted:
+                if self.every and self._saved_step != trainer.state.step:
+                    self.save_step(trainer)  # the end state stays resumable (e.g. to train longer)
+                if self._best_pending:  # the loop's closing evaluation may have found a new best
+                    self.save_best_checkpoint(trainer)
+                self.save_final(trainer)
+            latest = latest_dir(self.root)
+            if latest is not None:
+                trainer.summary["latest_checkpoint"] = str(latest)
+            if (self.root / BEST).is_dir() and self.save_best:
+                trainer.summary["best_checkpoint"] = str(self.root / BEST)
+                trainer.summary["best_checkpoint_" + self.metric] = self.best_value
+        finally:
+            self._restore_sigterm_handler()
+
+    def on_exception(self, trainer, *, error: BaseException) -> None:
+        self._restore_sigterm_handler()
+
+    # -------------------------------------------------------------- saves
+    def save_step(self, trainer) -> None:
+        start = time.perf_counter()
+        step = trainer.state.step
+        name = step_name(step)
+        self._write(self.root / name, trainer, self.include_optimizer)
+        if trainer.is_main:
+            write_pointer(self.root / LATEST, name)  # only once the checkpoint is complete
+            self._prune()
+        self._saved_step = step
+        trainer.metrics["checkpoint_save_s"] = trainer.metrics.get("checkpoint_save_s", 0.0) + (
+            time.perf_counter() - start)
+
+    def save_best_checkpoint(self, trainer) -> None:
+        start = time.perf_counter()
+        best = self.root / BEST
+        if self._saved_step == trainer.state.step:
+            if trainer.is_main:  # the same state was just saved: share its files
+                tmp = temporary_dir(best)
+                link_tree(self.root / step_name(self._saved_step), tmp)
+                publish_dir(tmp, best)
+        else:
+            self._write(best, trainer, self.include_optimizer)
+        self._best_pending = False
+        trainer.metrics["checkpoint_save_s"] = trainer.metrics.get("checkpoint_save_s", 0.0) + (
+            time.perf_counter() - start)
+
+    def save_final(self, trainer) -> None:
+        """RUN_DIR/checkpoints/final: the trained model only (what inference and distillation load)."""
+        if not trainer.is_main:
+            return
+        final = self.root / FINAL
+        self._guarded(final, lambda tmp: (save_model(tmp, trainer.raw_model, trainer.cfg.model),
+                                          write_manifest(tmp, trainer.state.step, [WEIGHTS_FILE, MODEL_CONFIG_FILE]),
+                                          publish_dir(tmp, final)))
+        trainer.summary["final_checkpoint"] = str(final)
+
+    def _write(self, final: Path, trainer, include_optimizer: bool) -> None:
+        """Write a full checkpoint into a temporary dir, then publish it atomically as `final`."""
+        sharded = uses_sharded_checkpoints(trainer)
+        p = trainer.parallel
+        if not (sharded or trainer.is_main):
+            p.barrier()  # wait for the main rank's write
+            return
+
+        def write(tmp: Path) -> None:
+            required = write_checkpoint(tmp, trainer, include_optimizer)
+            if sharded:
+                p.barrier()  # every rank's shard is on disk
+            if trainer.is_main:
+                delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+                if delay:
+                    time.sleep(delay)
+                write_manifest(tmp, trainer.state.step, required)
+                publish_dir(tmp, final)
+
+        if sharded:
+            tmp = final.parent / f"{TMP_PREFIX}{final.name}"
+            if trainer.is_main:
+                temporary_dir(final)
+            p.barrier()
+            self._guarded(final, write, tmp)
+        else:
+            self._guarded(final, write)
+        p.barrier()
+
+    def _guarded(self, final: Path, write, tmp: Path | None = None) -> None:
+        """Run `write(tmp)`; an I/O failure (disk full...) removes the partial save and says where."""
+        tmp = tmp if tmp is not None else temporary_dir(final)
+        try:
+            write(tmp)
+        except (VishwamaiError, KeyboardInterrupt, SystemExit):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as e:  # OSError, torch's and safetensors' own write errors (disk full...)
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            raise CheckpointError(f"could not write checkpoint {final}: {reason}; "
+                                  f"earlier checkpoints in {self.root} are unchanged") from e
+
+    def _prune(self) -> None:
+        """Keep the newest keep_last_n step-N directories (and always the one 'latest' names).
+
+        best/ is its own directory (hard links), so pruning never touches it.
+        """
+        latest = latest_dir(self.root)
+        steps = [p for _, p in step_dirs(self.root)]
+        for old in steps[:-self.keep_last_n]:
+            if old == latest:
+                continue
+            doomed = old.parent / f"{TMP_PREFIX}delete-{old.name}"  # never a half-deleted step-N
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    # ---------------------------------------------------------- preflight
+    def _check_free_space(self, trainer) -> None:
+        params = sum(p.numel() * p.element_size() for p in trainer.raw_model.parameters())
+        # Weights, plus AdamW's two moments when the optimizer state is saved.
+        needed = params * (3 if self.include_optimizer else 1)
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise CheckpointError(f"not enough space in {self.root}: one checkpoint needs about "
+                                  f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+
+    # ------------------------------------------------------------ SIGTERM
+    def _install_sigterm_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.info("not in the main thread: SIGTERM will not trigger a checkpoint")
+            return
+
+        def on_sigterm(signum, frame):  # only sets a flag: the save happens at the end of the step
+            self._sigterm = True
+
+        self._previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm_handler(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None

@@ -1,0 +1,158 @@
+"""What one training checkpoint holds, and how it is written into / read from a directory.
+
+  DIR/model.safetensors   weights (io.save_model; no pickle)
+  DIR/model_config.json   the architecture
+  DIR/trainer_state.pt    Trainer.state_dict() (optimizer, scheduler, loss scaler, data
+                          position, batch sizes, counters, callbacks' state) + RNG states;
+                          torch.save'd plain data, read back with torch.load(weights_only=True)
+                          so a tampered file cannot run code
+  DIR/manifest.json       sizes and sha256 of the above (manifest.py), written last
+
+With sharded training (FSDP / ZeRO) the weights and optimizer state are written by
+vishwamai.distributed.checkpoint.save_sharded instead, one shard per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vishwamai.checkpoint.io import (MODEL_CONFIG_FILE, WEIGHTS_FILE, apply_weights, as_model_config,
+                                     read_model_config, read_weights, save_model)
+from vishwamai.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+STATE_FORMAT_VERSION = 1
+
+
+# ------------------------------------------------------------------------ RNG
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch generator states as plain data (no numpy arrays: weights_only)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------- save
+def uses_sharded_checkpoints(trainer) -> bool:
+    return bool(trainer.parallel.sharded or
+                (trainer.cfg.checkpointing.save_zero_redundancy and trainer.parallel.world_size > 1))
+
+
+def assert_finite_weights(trainer, directory: Path) -> None:
+    """A NaN/inf must never be written into a checkpoint (it would poison every resume)."""
+    bad = [name for name, p in trainer.raw_model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if trainer.parallel.any(bool(bad)):
+        raise CheckpointError(f"refusing to write {directory}: non-finite weights in {bad[:5] or 'another rank'}")
+
+
+def write_checkpoint(directory: Path, trainer, include_optimizer: bool) -> list[str]:
+    """Write the checkpoint files into `directory` (a temporary dir); returns the required files.
+
+    Sharded: every rank calls this; otherwise only the main rank does.
+    """
+    assert_finite_weights(trainer, directory)
+    sharded = uses_sharded_checkpoints(trainer)
+    if sharded:
+        from vishwamai.distributed.checkpoint import save_sharded
+
+        save_sharded(directory, trainer, include_optimizer)
+    required = [MODEL_CONFIG_FILE, TRAINER_STATE_FILE]
+    if not trainer.is_main:
+        return required
+    if sharded:
+        model_cfg = as_model_config(trainer.cfg.model)
+        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+    else:
+        save_model(directory, trainer.raw_model, trainer.cfg.model)
+        required.append(WEIGHTS_FILE)
+    state = {
+        "format_version": STATE_FORMAT_VERSION,
+        "step": trainer.state.step,
+        "sharded": sharded,
+        "trainer": trainer.state_dict(include_optimizer=include_optimizer and not sharded),
+        "rng": capture_rng(),
+    }
+    torch.save(state, directory / TRAINER_STATE_FILE)
+    return required
+
+
+# ----------------------------------------------------------------------- load
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """The trainer-state file as plain data; anything needing arbitrary code is refused."""
+    path = directory / TRAINER_STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no {TRAINER_STATE_FILE} in {directory}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        # weights_only refuses globals outside torch's allow-list (e.g. os.system in a crafted
+        # __reduce__) before calling anything, so the payload never runs.
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load {path}: not a plain-data trainer state ({first_line})") from e
+    if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a vishwamai trainer state (format_version "
+                              f"{state.get('format_version') if isinstance(state, dict) else None!r})")
+    return state
+
+
+def check_architecture(directory: Path, trainer) -> None:
+    saved = dataclasses.asdict(read_model_config(directory))
+    current = dataclasses.asdict(as_model_config(trainer.cfg.model))
+    diff = {k: (saved[k], current.get(k)) for k in saved if k != "parallel_factor" and saved[k] != current.get(k)}
+    if diff:
+        details = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"cannot resume from {directory}: the model differs ({details})")
+
+
+def load_checkpoint(directory: Path, trainer) -> dict[str, Any]:
+    """Restore the trainer from `directory` exactly; returns the trainer-state dict.
+
+    Everything is read and checked before anything in the trainer changes, so a bad
+    checkpoint leaves the trainer as it was (the caller may then try an older one).
+    """
+    state = read_trainer_state(directory)
+    check_architecture(directory, trainer)
+    if state["sharded"] != uses_sharded_checkpoints(trainer):
+        raise CheckpointError(f"{directory} was saved {'sharded' if state['sharded'] else 'unsharded'}; "
+                              "resume with the same distributed.strategy / checkpointing.save_zero_redundancy")
+    if state["sharded"]:
+        from vishwamai.distributed.checkpoint import load_sharded
+
+        load_sharded(directory, trainer)
+    else:
+        weights = read_weights(directory)
+        apply_weights(trainer.raw_model, weights, as_model_config(trainer.cfg.model), directory / WEIGHTS_FILE)
+    if "optimizer" not in state["trainer"] and not state["sharded"]:
+        log.warning("%s has no optimizer state (checkpointing.save_optimizer_state=false): the optimizer "
+                    "restarts from zero moments, so the resumed run is not identical to an uninterrupted one",
+                    directory)
+    trainer.load_state_dict(state["trainer"])
+    restore_rng(state["rng"])
+    return state
