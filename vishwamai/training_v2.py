@@ -29,6 +29,9 @@ register_schema()
 # Exit code for errors that a retry cannot fix (bad config, bad data, NaN run):
 # Kubernetes restart policies key on it so such a pod is not restarted forever.
 EXIT_NON_RETRYABLE = 2
+# Exit code after SIGTERM (preemption): a checkpoint was saved, rerun with training.resume=auto.
+# Non-zero so a Kubernetes Job does not count the pod as completed (75 = EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
 
 
 def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> DictConfig:
@@ -47,9 +50,6 @@ def reject_unimplemented(cfg: DictConfig) -> None:
         "distillation.pruning.enabled": cfg.distillation.pruning.enabled,
         "distillation.quantization.enabled": cfg.distillation.quantization.enabled,
         "tuning.enabled": cfg.tuning.enabled,
-        "checkpointing.every_n_steps": cfg.checkpointing.every_n_steps > 0,
-        "checkpointing.save_zero_redundancy": cfg.checkpointing.save_zero_redundancy,
-        "training.resume": cfg.training.resume is not None,
     }
     for key, requested in pending.items():
         if requested:
@@ -83,13 +83,15 @@ def load_weights_into(model: torch.nn.Module, path: str) -> None:
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """One entry per feature; each lives in the module its config key names."""
     from vishwamai.batching import build_dynamic_batch
-    from vishwamai.checkpoint import FinalModelCheckpoint
+    from vishwamai.checkpoint import build_checkpointing
     from vishwamai.monitoring import build_monitoring
 
     callbacks = []
     callbacks += build_dynamic_batch(cfg)  # first: its on_step_end adds metrics the loggers write
+    # After the features (a checkpoint holds their end-of-step state), before the loggers
+    # (they write the step's checkpoint_save_s).
+    callbacks += build_checkpointing(cfg, run_dir)
     callbacks += build_monitoring(cfg, run_dir)
-    callbacks.append(FinalModelCheckpoint(run_dir))
     return callbacks
 
 
@@ -134,6 +136,10 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     sampler = SequenceSampler(data.train, cfg.data.seq_len, t.seed, parallel.rank, parallel.world_size)
     trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, Precision(cfg.amp, device),
                       parallel, device, build_callbacks(cfg, run_dir) + list(extra_callbacks))
+    if t.resume:  # before on_train_start: every callback starts from the restored state
+        from vishwamai.checkpoint import resume
+
+        resume(trainer, t.resume, run_dir)
     trainer.fit()
 
     s = trainer.state
@@ -180,6 +186,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_NON_RETRYABLE)
     if summary.get("run_dir") and (summary.get("world_size", 1) == 1 or summary.get("rank", 0) == 0):
         print_outcome(summary)
+    if summary.get("preempted"):
+        sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Order of events in one run:
             on_eval_end              (on evaluation steps)
             on_step_end              (logging, dynamic batch, periodic checkpoints)
   on_train_end
+  on_exception(error)        (instead of on_train_end when fit() raises: release resources)
 State hooks: state_dict() / load_state_dict() let each feature save and restore its
 own state with every checkpoint, so exact resume covers it without the checkpoint
 module knowing about it.
@@ -39,6 +40,7 @@ EVENTS = (
     "on_eval_end",
     "on_step_end",
     "on_train_end",
+    "on_exception",
 )
 
 
@@ -68,6 +70,8 @@ class Callback:
     def on_step_end(self, trainer: "Trainer") -> None: ...
 
     def on_train_end(self, trainer: "Trainer") -> None: ...
+
+    def on_exception(self, trainer: "Trainer", *, error: BaseException) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         return {}

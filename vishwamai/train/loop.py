@@ -115,6 +115,13 @@ class Trainer:
 
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        except BaseException as error:
+            self.fire("on_exception", error=error)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         t = self.cfg.training
         self.fire("on_train_start")
         while self.state.step < t.max_steps and not self.should_stop:
