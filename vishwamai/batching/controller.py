@@ -210,7 +210,8 @@ class DynamicBatchSize(Callback):
         sizes = {"batch_size": trainer.batch_size, "micro_batch_size": trainer.micro_batch_size,
                  "lr_factor": self.lr_factor}
         what = (f"micro-batch {old} -> {new} (step batch {trainer.batch_size} unchanged)" if self.constant
-                else f"batch {old_batch} -> {trainer.batch_size} (micro-batch {new}, lr x{self.lr_factor:.3g})")
+                else f"batch {old_batch} -> {trainer.batch_size} (micro-batch {new})"
+                + (f", lr x{self.lr_factor:.3g}" if self.cfg.lr_scaling != "none" else ""))
         self._record(trainer, reason, sizes, what)
 
     def _record(self, trainer: "Trainer", reason: str, sizes: dict[str, Any], what: str) -> None:
@@ -251,7 +252,7 @@ class DynamicBatchSize(Callback):
             f"(dynamic_batch_size.min_batch_size={self.cfg.min_batch_size} for training, 1 for evaluation)"
             + (f"; the failed allocation asked for {needed}" if needed else "")
             + f". {type(error).__name__}: {str(error).strip()[:300]}. "
-            + (f"Checkpoint saved to {saved}. " if saved else "No checkpoint was saved. ")
+            + f"Checkpoint: {saved or 'none saved (no checkpoint callback in this run)'}. "
             + "Lower data.seq_len or the model size, enable amp, or use a device with more memory."
         ) from error
 
@@ -266,9 +267,21 @@ def build_dynamic_batch(cfg) -> list[Callback]:
     if not cfg.dynamic_batch_size.enabled:
         return []
     return [DynamicBatchSize(cfg.dynamic_batch_size, cfg.training.gradient_accumulation_steps,
-                             save_checkpoint=_checkpoint_saver())]
+                             save_checkpoint=save_with_checkpoint_callback)]
 
 
-def _checkpoint_saver() -> Optional[Callable[["Trainer"], Any]]:
-    """The checkpoint module's save function, when this build has one (see README)."""
+def save_with_checkpoint_callback(trainer: "Trainer") -> Optional[str]:
+    """Save a resumable checkpoint through the run's checkpoint callback (CheckpointManager.save_step).
+
+    The state is that of the last completed step; the failed step's samples were already drawn,
+    so a resume continues after them. Returns where it went, or None when no callback can save.
+    """
+    for callback in trainer.callbacks:
+        save = getattr(callback, "save_step", None)
+        if callable(save):
+            try:
+                save(trainer)
+            except Exception as error:  # noqa: BLE001 - the OOM error is the one to report
+                return f"not saved, the save failed too ({type(error).__name__}: {error})"
+            return f"saved in {getattr(callback, 'root', 'the checkpoint directory')} at step {trainer.state.step}"
     return None
