@@ -55,8 +55,8 @@ def build_storage(tu: DictConfig, url: str):
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     heartbeat: dict[str, Any] = {}
     if tu.heartbeat_s:
-        heartbeat = {"heartbeat_interval": tu.heartbeat_s, "grace_period": 3 * tu.heartbeat_s,
-                     "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+        retry, name = _retry_callback()
+        heartbeat = {"heartbeat_interval": tu.heartbeat_s, "grace_period": 3 * tu.heartbeat_s, name: retry(max_retry=1)}
     for attempt in range(5):  # workers starting together may race to create the tables
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
@@ -64,6 +64,15 @@ def build_storage(tu: DictConfig, url: str):
             if attempt == 4:
                 raise
             time.sleep(1 + attempt)
+
+
+def _retry_callback() -> tuple[type, str]:
+    """Optuna >= 4.9 renamed the stale-trial retry callback and its storage argument."""
+    from optuna import storages
+
+    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+        return storages.RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback"
+    return storages.RetryFailedTrialCallback, "failed_trial_callback"
 
 
 def build_sampler(tu: DictConfig, params: list[Param]):
@@ -108,11 +117,11 @@ def suggest(trial, p: Param) -> Any:
 
 def counted_trials(study) -> int:
     """Trials that use up the budget: finished or running, except failures that were retried."""
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
+    retry, _ = _retry_callback()
     trials = study.get_trials(deepcopy=False)
-    retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    retried = {retry.retried_trial_number(t) for t in trials} - {None}
     live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
     return sum(t.state in live and t.number not in retried for t in trials)
 
@@ -198,6 +207,11 @@ class OptunaStudy:
             study.stop()
 
     def optimize(self) -> None:
+        import optuna
+
+        if self.tu.heartbeat_s:
+            # Before counting: a trial whose process died is failed (and re-queued) now.
+            optuna.storages.fail_stale_trials(self.study)
         remaining = self.tu.num_trials - counted_trials(self.study)
         if remaining <= 0:
             return

@@ -154,7 +154,7 @@ def overrides_as_nested(values: dict[str, Any]) -> dict:
     return nested
 
 
-def _cli_value(value: Any) -> str:
+def cli_value(value: Any) -> str:
     value = to_builtin(value)
     if value is None:
         return "null"
@@ -165,4 +165,4 @@ def _cli_value(value: Any) -> str:
 
 def overrides_as_cli(values: dict[str, Any]) -> list[str]:
     """{'training.optimizer.lr': 1e-3} -> ['training.optimizer.lr=0.001'] (Hydra override syntax)."""
-    return [f"{key}={_cli_value(value)}" for key, value in sorted(values.items())]
+    return [f"{key}={cli_value(value)}" for key, value in sorted(values.items())]

@@ -1,0 +1,216 @@
+"""Hyperparameter tuning: search-space validation, a real Optuna study (sqlite storage)
+with pruning, a failing trial, resume and parallel workers in new processes, and the
+Ray backend's missing-install error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from vishwamai.errors import ConfigError, NotImplementedYet
+from vishwamai.training_v2 import compose_config, run
+from vishwamai.tune import run_tuning
+from vishwamai.tune.space import overrides_as_cli, overrides_as_nested, parse_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A space where some configs are clearly worse (lr 1e-4 barely moves in 3 steps) and
+# one value makes a trial raise (d_model=64 is not divisible by 3 heads).
+SPACE = ("++tuning.search_space={model.dropout_rate: null, training.optimizer.weight_decay: null, "
+         "model.n_heads: {type: categorical, choices: [2, 3]}}")
+# Trials 0-2 are fixed (run first, in this order): good, bad (pruned), failing.
+ENQUEUED = ("tuning.enqueue_trials=[{training.optimizer.lr: 3e-3, model.n_heads: 2}, "
+            "{training.optimizer.lr: 1e-4, model.n_heads: 2}, {training.optimizer.lr: 1e-3, model.n_heads: 3}]")
+
+
+def study_overrides(tiny_overrides: list[str]) -> list[str]:
+    return tiny_overrides + [
+        "training.max_steps=12", "training.eval_every_n_steps=3", "training.log_every_n_steps=1",
+        "tuning.enabled=true", "tuning.pruner=median", "tuning.pruner_startup_trials=1",
+        "tuning.sampler=random", "tuning.sampler_seed=0", "tuning.heartbeat_s=0", SPACE, ENQUEUED,
+    ]
+
+
+def stored_trials(run_dir: Path):
+    return optuna.load_study(study_name="vishwamai", storage=f"sqlite:///{run_dir / 'optuna.db'}").get_trials()
+
+
+# ----------------------------------------------------------------- search space
+@pytest.mark.parametrize("space, key, message", [
+    ("{training.optimizer.lrr: {type: float, low: 0.1, high: 1.0}}", "tuning.search_space.training.optimizer.lrr",
+     "not a config key"),
+    ("{training.optimizer: {type: float, low: 0.1, high: 1.0}}", "tuning.search_space.training.optimizer",
+     "config group"),
+    ("{training.batch_size: {type: float, low: 0.5, high: 2.0}}", "tuning.search_space.training.batch_size",
+     "does not fit"),
+    ("{training.optimizer.lr: {type: normal, low: 0.1, high: 1.0}}", "tuning.search_space.training.optimizer.lr",
+     "`type`"),
+    ("{training.optimizer.lr: {type: float, low: 1.0, high: 0.1}}", "tuning.search_space.training.optimizer.lr",
+     "below"),
+    ("{training.optimizer.lr: {type: log_float, low: 0.0, high: 0.1}}", "tuning.search_space.training.optimizer.lr",
+     "> 0"),
+    ("{model.n_heads: {type: categorical, choices: []}}", "tuning.search_space.model.n_heads", "choices"),
+    ("{tuning.num_trials: {type: int, low: 1, high: 3}}", "tuning.search_space.tuning.num_trials", "cannot be tuned"),
+    ("{training.optimizer.lr: null, training.optimizer.weight_decay: null, model.dropout_rate: null}",
+     "tuning.search_space", "empty"),
+])
+def test_search_space_errors_name_the_key(space, key, message):
+    cfg = compose_config([f"++tuning.search_space={space}"], run_dir="/tmp/unused")
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_space(cfg)
+    assert info.value.key == key
+
+
+def test_default_space_and_override_formats_round_trip():
+    cfg = compose_config([], run_dir="/tmp/unused")
+    params = {p.key: p for p in parse_space(cfg)}
+    assert params["training.optimizer.lr"].type == "log_float"
+    assert {"training.optimizer.weight_decay", "model.dropout_rate"} <= set(params)
+    best = {"training.optimizer.lr": 0.00123, "model.n_heads": 2, "training.compile": False}
+    from_cli = compose_config(overrides_as_cli(best), run_dir="/tmp/unused")
+    merged = OmegaConf.merge(cfg, overrides_as_nested(best))
+    for c in (from_cli, merged):
+        assert (c.training.optimizer.lr, c.model.n_heads, c.training.compile) == (0.00123, 2, False)
+
+
+def test_ray_selected_but_not_installed_is_a_clear_error(tmp_path, tiny_overrides):
+    pytest.importorskip("optuna")
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed: the missing-install error cannot be shown")
+    except ImportError:
+        pass
+    cfg = compose_config(tiny_overrides + ["tuning.enabled=true", "tuning.framework=ray"], run_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"pip install 'vishwamai\[ray\]'") as info:
+        run(cfg)
+    assert info.value.key == "tuning.framework"
+    assert not (tmp_path / "trials").exists()
+
+
+# ------------------------------------------------------------------ optuna study
+def test_optuna_study_prunes_survives_failure_and_resumes_in_parallel_processes(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "study"
+    overrides = study_overrides(tiny_overrides)
+    summary = run(compose_config(overrides + ["tuning.num_trials=4"], run_dir=str(run_dir)))
+
+    trials = stored_trials(run_dir)
+    states = [t.state.name for t in trials]
+    assert len(trials) == 4 and states[:3] == ["COMPLETE", "PRUNED", "FAIL"]
+    good, bad, failed = trials[:3]
+    # The slow trial was cut at an evaluation before the end, after doing worse than the good one.
+    pruned_at = bad.user_attrs["pruned_at_step"]
+    assert pruned_at < 12 and bad.intermediate_values[pruned_at] > good.intermediate_values[pruned_at]
+    bad_records = (run_dir / "trials" / "trial-1" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(bad_records[-1])["step"] == pruned_at
+    assert "model.n_heads" in failed.user_attrs["fail_reason"]
+    assert good.value == pytest.approx(json.loads((run_dir / "trials/trial-0/summary.json").read_text())["final_val_loss"])
+
+    # The best trial's values, ready to use as a YAML primary config or CLI overrides.
+    best = min((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert summary["best_value"] == pytest.approx(best.value)
+    body = yaml.safe_load((run_dir / "best_overrides.yaml").read_text())
+    assert body["training"]["optimizer"]["lr"] == pytest.approx(best.params["training.optimizer.lr"])
+    cli = (run_dir / "best_overrides.txt").read_text().split()
+    assert compose_config(cli, run_dir="/tmp/unused").model.n_heads == best.params["model.n_heads"]
+    assert summary["trials_failed"] == 1 and summary["trials_pruned"] >= 1
+
+    # Resume from storage in two new processes at once: they share the study and add 4 trials.
+    cmd = [sys.executable, "-m", "vishwamai.training_v2", *overrides, "tuning.num_trials=8",
+           f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    trials = stored_trials(run_dir)
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials))) and 8 <= len(trials) <= 9  # at most one extra from the race
+    assert all(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+    assert trials[4].state.name != "WAITING" and trials[0].params == good.params  # old trials untouched
+    workers = {t.user_attrs["worker"] for t in trials[4:]}
+    assert len(workers) == 2, "both processes should have run trials"
+    dirs = {t.user_attrs["run_dir"] for t in trials}
+    assert len(dirs) == len(trials)
+    assert all(Path(t.user_attrs["run_dir"], "config.yaml").is_file() for t in trials if t.state.name != "FAIL")
+    assert "best trial" in outputs[0] and "best_overrides.yaml" in outputs[0]
+
+    # Budget spent: a rerun adds nothing and reports the same best trial.
+    again = run(compose_config(overrides + ["tuning.num_trials=8"], run_dir=str(run_dir)))
+    assert len(stored_trials(run_dir)) == len(trials) and again["best_value"] <= summary["best_value"]
+
+
+def test_resumed_study_must_keep_its_search_space(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "study"
+    overrides = study_overrides(tiny_overrides) + ["tuning.num_trials=1", "tuning.enqueue_trials=[]"]
+    run(compose_config(overrides, run_dir=str(run_dir)))
+    changed = overrides + ["++tuning.search_space={training.optimizer.lr: {type: float, low: 0.001, high: 0.01}}"]
+    with pytest.raises(ConfigError) as info:
+        run(compose_config(changed, run_dir=str(run_dir)))
+    assert info.value.key == "tuning.search_space"
+
+
+def test_unimplemented_feature_stops_the_study_instead_of_failing_every_trial(tmp_path, tiny_overrides):
+    cfg = compose_config(study_overrides(tiny_overrides) + ["tuning.num_trials=3", "distillation.enabled=true"],
+                         run_dir=str(tmp_path))
+    with pytest.raises(NotImplementedYet):
+        run(cfg)
+    assert not (tmp_path / "trials").exists()
+
+
+def test_all_trials_failing_is_an_error_with_the_reason(tmp_path, tiny_overrides):
+    from vishwamai.tune.results import TuningError
+
+    overrides = study_overrides(tiny_overrides) + [
+        "tuning.num_trials=2", "tuning.enqueue_trials=[]",
+        "++tuning.search_space={model.n_heads: {type: categorical, choices: [3, 5]}}"]
+    with pytest.raises(TuningError, match="n_heads"):
+        run_tuning(compose_config(overrides, run_dir=str(tmp_path)))
+    assert [t.state.name for t in stored_trials(tmp_path)] == ["FAIL", "FAIL"]
+
+
+@pytest.mark.slow
+def test_n_jobs_runs_trials_in_worker_processes(tmp_path, tiny_overrides):
+    overrides = study_overrides(tiny_overrides) + [
+        "training.max_steps=60", "training.eval_every_n_steps=20", "tuning.num_trials=6", "tuning.n_jobs=2",
+        "tuning.pruner=none", "tuning.enqueue_trials=[]",
+        "++tuning.search_space={model.n_heads: null, training.optimizer.lr: {type: log_float, low: 1e-4, high: 3e-3}}"]
+    run(compose_config(overrides, run_dir=str(tmp_path)))
+    trials = stored_trials(tmp_path)
+    assert 6 <= len(trials) <= 7 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+
+
+@pytest.mark.slow
+def test_a_trial_whose_process_died_is_failed_by_heartbeat_and_retried(tmp_path, tiny_overrides):
+    """Kill a study mid-trial; the next process marks the stale trial failed and reruns its values."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "study"
+    overrides = study_overrides(tiny_overrides) + [
+        "training.max_steps=3000", "training.eval_every_n_steps=1000", "tuning.heartbeat_s=1",
+        "tuning.num_trials=1", "tuning.pruner=none", "tuning.enqueue_trials=[]",
+        "++tuning.search_space={model.n_heads: null}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "vishwamai.training_v2", *overrides], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (run_dir / "trials" / "trial-0" / "metrics.jsonl").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [t.state.name for t in stored_trials(run_dir)] == ["RUNNING"]
+    time.sleep(4)  # > 3 heartbeats: the trial is stale
+    short = [o for o in overrides if not o.startswith(("training.max_steps", "hydra."))] + ["training.max_steps=6"]
+    run(compose_config(short, run_dir=str(run_dir)))
+    trials = stored_trials(run_dir)
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].params == trials[0].params

@@ -1,0 +1,158 @@
+"""Ray Tune backend (optional: `pip install 'vishwamai[ray]'`).
+
+Same search space, metric and trial runs as the Optuna backend; the schedulers
+play the pruner's part:
+  tuning.pruner  median -> MedianStoppingRule, successive_halving -> ASHA,
+                 hyperband -> HyperBand, none -> FIFO
+  tuning.sampler random -> Ray's random search, tpe / cmaes -> OptunaSearch with that
+                 sampler, grid -> grid_search over the grid, bohb -> TuneBOHB with
+                 HyperBandForBOHB (needs `hpbandster` and `ConfigSpace`)
+Results live in RUN_DIR/ray/<study_name>; a rerun restores the unfinished experiment.
+Trials run in Ray worker processes, `tuning.n_jobs` at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from vishwamai.errors import ConfigError
+from vishwamai.tune.results import StudyResult, TrialRecord
+from vishwamai.tune.space import Param
+from vishwamai.tune.trial import Reporter, objective_value, run_trial, trial_config
+
+INSTALL_HINT = "pip install 'vishwamai[ray]'"
+
+
+def require_ray():
+    """Ray Tune, or a ConfigError naming tuning.framework when it is not installed."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError as e:
+        raise ConfigError("tuning.framework", f"'ray' needs Ray Tune, which is not installed ({e.name} is "
+                                              f"missing): {INSTALL_HINT}, or use tuning.framework=optuna") from None
+    return ray, tune
+
+
+def ray_domain(tune, p: Param, grid: bool):
+    if grid:
+        return tune.grid_search(p.grid_values())
+    if p.type == "categorical":
+        return tune.choice(list(p.choices))
+    if p.type == "int":
+        return tune.qrandint(p.low, p.high, p.step or 1)  # high is inclusive
+    if p.type == "log_float":
+        return tune.loguniform(p.low, p.high)
+    return tune.quniform(p.low, p.high, p.step) if p.step else tune.uniform(p.low, p.high)
+
+
+def _report_fn(ray, tune):
+    """ray.tune.report (Ray >= 2.43), else ray.train.report (older 2.x)."""
+    return getattr(tune, "report", None) or ray.train.report
+
+
+def _trial_id(ray, tune) -> str:
+    get_context = getattr(tune, "get_context", None) or ray.train.get_context
+    return get_context().get_trial_id()
+
+
+def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri: str | None) -> None:
+    """One Ray trial (runs in a Ray worker process)."""
+    from vishwamai.config import VishwamaiConfig
+
+    ray, tune = require_ray()
+    cfg = OmegaConf.merge(OmegaConf.structured(VishwamaiConfig), base)
+    metric = cfg.tuning.metric
+    report = _report_fn(ray, tune)
+
+    def send(step: int, value: float) -> bool:
+        report({metric: value, "step": step})  # the scheduler stops the trial inside this call
+        return False
+
+    trial_dir = Path(run_dir) / "trials" / f"trial-{_trial_id(ray, tune)}"
+    summary = run_trial(trial_config(cfg, values, trial_dir, tracking_uri), [Reporter(metric, send)])
+    objective_value(summary, metric)  # raises on a non-finite result: Ray records the trial as errored
+
+
+def _scheduler(cfg: DictConfig):
+    from ray.tune import schedulers
+
+    tu, t = cfg.tuning, cfg.training
+    grace = max(1, tu.pruner_warmup_steps or t.eval_every_n_steps or t.max_steps)
+    if tu.sampler == "bohb":
+        return schedulers.HyperBandForBOHB(time_attr="step", max_t=t.max_steps)
+    if tu.pruner == "median":
+        return schedulers.MedianStoppingRule(time_attr="step", grace_period=grace,
+                                             min_samples_required=max(1, tu.pruner_startup_trials))
+    if tu.pruner == "successive_halving":
+        return schedulers.ASHAScheduler(time_attr="step", max_t=t.max_steps, grace_period=grace)
+    if tu.pruner == "hyperband":
+        return schedulers.HyperBandScheduler(time_attr="step", max_t=t.max_steps)
+    return schedulers.FIFOScheduler()
+
+
+def _search(tu: DictConfig):
+    if tu.sampler in ("random", "grid"):
+        return None
+    if tu.sampler == "bohb":
+        from ray.tune.search.bohb import TuneBOHB
+
+        return TuneBOHB(seed=tu.sampler_seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = (optuna.samplers.CmaEsSampler(seed=tu.sampler_seed) if tu.sampler == "cmaes"
+               else optuna.samplers.TPESampler(seed=tu.sampler_seed))
+    return OptunaSearch(sampler=sampler)
+
+
+def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
+    ray, tune = require_ray()
+    from vishwamai.tune.tracking import tracking_uri
+
+    tu = cfg.tuning
+    grid = tu.sampler == "grid"
+    run_config = getattr(tune, "RunConfig", None) or ray.train.RunConfig  # moved to ray.tune in 2.43
+    if not ray.is_initialized():
+        ray.init(address=tu.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
+                             tracking_uri=tracking_uri(cfg, run_dir)),
+        {"cpu": tu.ray_cpus_per_trial, "gpu": tu.ray_gpus_per_trial})
+    storage = run_dir / "ray"
+    path = storage / tu.study_name
+    if tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={p.key: ray_domain(tune, p, grid) for p in params},
+            tune_config=tune.TuneConfig(metric=tu.metric, mode="min" if tu.direction == "minimize" else "max",
+                                        num_samples=1 if grid else tu.num_trials, scheduler=_scheduler(cfg),
+                                        search_alg=_search(tu), max_concurrent_trials=tu.n_jobs,
+                                        time_budget_s=tu.timeout_s),
+            run_config=run_config(name=tu.study_name, storage_path=str(storage)),
+        )
+    grid_result = tuner.fit()
+    return _result(cfg, grid_result, str(path))
+
+
+def _result(cfg: DictConfig, grid_result, storage: str) -> StudyResult:
+    tu = cfg.tuning
+    out = StudyResult("ray", tu.study_name, tu.metric, tu.direction, storage=storage)
+    for number, r in enumerate(grid_result):
+        metrics = r.metrics or {}
+        if r.error is not None:
+            state, value = "FAIL", None
+        else:
+            value = metrics.get(tu.metric)
+            # A trial the scheduler stopped never reached the last step.
+            state = "COMPLETE" if metrics.get("step") == cfg.training.max_steps else "PRUNED"
+        params = {k: v for k, v in (r.config or {}).items()}
+        out.trials.append(TrialRecord(number, state, value, params,
+                                      None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:1000],
+                                      str(r.path) if getattr(r, "path", None) else None))
+    return out
