@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from vishwamai.batching import BatchSizeMemoryError, DynamicBatchSize, is_out_of_memory, requested_memory
+from vishwamai.checkpoint.state import read_trainer_state
 from vishwamai.config import validate
 from vishwamai.errors import ConfigError, VishwamaiError
 from vishwamai.train.events import Callback
@@ -153,8 +154,8 @@ def test_regrowth_after_oom_backs_off(tmp_path, tiny_overrides):
     assert column(records, "batch_size") == [4, 4, 8, 4, 4, 4, 4, 8, 4, 4]
 
 
-def test_oom_at_min_batch_stops_with_clear_error(tmp_path, tiny_overrides):
-    cap = MemoryCap(lambda step: 1)
+def test_oom_at_min_batch_saves_a_checkpoint_and_stops_with_clear_error(tmp_path, tiny_overrides):
+    cap = MemoryCap(lambda step: 1 if step >= 3 else None)
     with pytest.raises(BatchSizeMemoryError) as err:
         train(tmp_path, tiny_overrides + dynamic(initial_batch_size=4, target_batch_size=4, min_batch_size=2), [cap])
     message = str(err.value)
@@ -162,6 +163,10 @@ def test_oom_at_min_batch_stops_with_clear_error(tmp_path, tiny_overrides):
     assert "dynamic_batch_size.min_batch_size=2" in message and "micro-batch of 2" in message
     assert f"asked for {(1 << 50) / 2**30:.2f} GiB" in message
     assert [len(x) for _, x, bad in cap.train_inputs if bad] == [4, 2]  # shrank once, then gave up
+    saved = tmp_path / "run" / "checkpoints" / "step-2"  # the last completed step
+    assert f"saved in {saved}" in message
+    state = read_trainer_state(saved)["trainer"]
+    assert state["trainer"]["step"] == 2 and state["callbacks"]["dynamic_batch_size"]["size"] == 4
 
 
 def test_eval_oom_shrinks_only_the_eval_batch(tmp_path, tiny_overrides):
@@ -234,6 +239,19 @@ def test_batch_state_survives_a_resume(tmp_path, tiny_overrides):
     saved = json.loads(json.dumps(snapshot.state["callbacks"]["dynamic_batch_size"]))  # JSON-safe
     assert saved["size"] == 4 and saved["stable"] == 1 and saved["lr_factor"] == pytest.approx(math.sqrt(2))
     resumed, records, _ = train(tmp_path, overrides, [Restore(snapshot)], name="resumed")
+    assert column(records, "step") == [5, 6, 7, 8]
+    for key in ("batch_size", "lr", "loss"):
+        assert column(records, key) == pytest.approx(column(full_records, key)[4:], rel=1e-6), key
+    assert changes(resumed) == changes(full) == [(3, "growth"), (6, "growth")]
+
+
+def test_batch_state_resumes_from_a_checkpoint(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + ["training.max_steps=8", "training.eval_every_n_steps=0",
+                                  "checkpointing.every_n_steps=4"] + dynamic(
+        initial_batch_size=2, target_batch_size=8, min_batch_size=1, stable_steps=3, lr_scaling="linear")
+    full, full_records, _ = train(tmp_path, overrides, name="full")
+    step4 = tmp_path / "full" / "checkpoints" / "step-4"
+    resumed, records, _ = train(tmp_path, overrides + [f"training.resume={step4}"], name="resumed")
     assert column(records, "step") == [5, 6, 7, 8]
     for key in ("batch_size", "lr", "loss"):
         assert column(records, key) == pytest.approx(column(full_records, key)[4:], rel=1e-6), key

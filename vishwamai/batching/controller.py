@@ -47,9 +47,11 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from vishwamai.batching.oom import is_out_of_memory, release_memory, requested_memory
+from vishwamai.checkpoint.layout import step_name
 from vishwamai.config import DynamicBatchConfig
 from vishwamai.errors import InsufficientMemoryError
 from vishwamai.train.events import Callback
@@ -283,5 +285,6 @@ def save_with_checkpoint_callback(trainer: "Trainer") -> Optional[str]:
                 save(trainer)
             except Exception as error:  # noqa: BLE001 - the OOM error is the one to report
                 return f"not saved, the save failed too ({type(error).__name__}: {error})"
-            return f"saved in {getattr(callback, 'root', 'the checkpoint directory')} at step {trainer.state.step}"
+            where = Path(callback.root) / step_name(trainer.state.step) if hasattr(callback, "root") else "RUN_DIR"
+            return f"saved in {where} (resume with training.resume)"
     return None
