@@ -219,6 +219,8 @@ def test_keep_last_n_prunes_old_steps_but_best_survives(tmp_path, tiny_overrides
     if mode == "max":  # the loss falls, so the best is the first evaluation: its step-N dir was pruned
         assert best_step == 2 and not (ckpts / "step-2").exists()
     assert find_model_dir(run_dir) == ckpts / "best"
+    timed = [r["step"] for r in _records(run_dir) if "checkpoint_save_s" in r]
+    assert timed == [2, 4, 6, 8, 10]  # the save time is logged on the steps that save
 
 
 def test_find_model_dir_follows_the_latest_pointer(tmp_path, tiny_overrides):

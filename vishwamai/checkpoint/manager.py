@@ -45,16 +45,21 @@ def prepare_checkpoint_dir(root: Path) -> None:
         log.info("removed leftover of an interrupted checkpoint save: %s", stale)
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # Checkpoint files are never modified in place, so a hard link is as good as a copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def link_tree(src: Path, dst: Path) -> None:
     """Hard-link (else copy) every file of `src` into `dst`: best/ shares a step's bytes on disk."""
     for file in src.rglob("*"):
         if file.is_file():
             target = dst / file.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(file, target)
-            except OSError:
-                shutil.copy2(file, target)
+            _link_or_copy(file, target)
 
 
 class CheckpointManager(Callback):
@@ -158,10 +163,20 @@ class CheckpointManager(Callback):
         """RUN_DIR/checkpoints/final: the trained model only (what inference and distillation load)."""
         if not trainer.is_main:
             return
-        final = self.root / FINAL
-        self._guarded(final, lambda tmp: (save_model(tmp, trainer.raw_model, trainer.cfg.model),
-                                          write_manifest(tmp, trainer.state.step, [WEIGHTS_FILE, MODEL_CONFIG_FILE]),
-                                          publish_dir(tmp, final)))
+        final, step = self.root / FINAL, trainer.state.step
+        model_files = [WEIGHTS_FILE, MODEL_CONFIG_FILE]
+        saved = self.root / step_name(step) if self._saved_step == step else None
+
+        def write(tmp: Path) -> None:
+            if saved is not None and all((saved / name).is_file() for name in model_files):
+                for name in model_files:  # the same weights were just saved: share their bytes
+                    _link_or_copy(saved / name, tmp / name)
+            else:
+                save_model(tmp, trainer.raw_model, trainer.cfg.model)
+            write_manifest(tmp, step, model_files)
+            publish_dir(tmp, final)
+
+        self._guarded(final, write)
         trainer.summary["final_checkpoint"] = str(final)
 
     def _write(self, final: Path, trainer, include_optimizer: bool) -> None:

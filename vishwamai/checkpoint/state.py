@@ -61,8 +61,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------- save
 def uses_sharded_checkpoints(trainer) -> bool:
-    return bool(trainer.parallel.sharded or
-                (trainer.cfg.checkpointing.save_zero_redundancy and trainer.parallel.world_size > 1))
+    """FSDP, or several processes with ZeRO (each rank holds only part of the optimizer state)."""
+    cfg, p = trainer.cfg, trainer.parallel
+    zero = cfg.checkpointing.save_zero_redundancy or cfg.distributed.zero_optimizer
+    return bool(p.sharded or (zero and p.world_size > 1))
 
 
 def assert_finite_weights(trainer, directory: Path) -> None:
