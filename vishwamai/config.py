@@ -209,6 +209,12 @@ class DistributedConfig:
     bucket_cap_mb: float = 25.0
     bf16_grad_compression: bool = False
     zero_optimizer: bool = False
+    # Seconds a collective may wait for a peer before the rank fails (no endless hang).
+    timeout_s: int = 300
+    # Restarts of the whole process group after a failure (vishwamai's own launcher;
+    # with torchrun use --max-restarts). Pair with training.resume=auto.
+    max_restarts: int = 0
+
 
 
 # --------------------------------------------------------------------- distillation
@@ -405,9 +411,7 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
             _check(b.lr_scaling == "none", "dynamic_batch_size.lr_scaling",
                    f"{b.lr_scaling!r} has no effect with constant_global_batch=true (the batch does not change)")
 
-    _one_of(cfg.distributed.strategy, "distributed.strategy", ("none", "data_parallel", "model_parallel"))
-    if cfg.distributed.backend is not None:
-        _one_of(cfg.distributed.backend, "distributed.backend", ("gloo", "nccl"))
+    _validate_distributed(cfg)
 
     ds = cfg.distillation
     _check(ds.teacher_model.temperature > 0, "distillation.teacher_model.temperature", "must be > 0")
@@ -430,6 +434,32 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _one_of(tu.framework, "tuning.framework", ("optuna", "ray"))
     _check(tu.num_trials > 0, "tuning.num_trials", "must be > 0")
     _one_of(tu.direction, "tuning.direction", ("minimize", "maximize"))
+
+
+def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:
+    dd = cfg.distributed
+    _one_of(dd.strategy, "distributed.strategy", ("none", "data_parallel", "model_parallel"))
+    if dd.backend is not None:
+        _one_of(dd.backend, "distributed.backend", ("gloo", "nccl"))
+    for key in ("world_size", "nproc_per_node"):
+        value = getattr(dd, key)
+        _check(value is None or value > 0, f"distributed.{key}", f"must be > 0, got {value}")
+    _check(dd.node_rank >= 0, "distributed.node_rank", "must be >= 0")
+    _check(dd.bucket_cap_mb > 0, "distributed.bucket_cap_mb", "must be > 0")
+    _check(dd.timeout_s > 0, "distributed.timeout_s", "must be > 0")
+    _check(dd.max_restarts >= 0, "distributed.max_restarts", "must be >= 0")
+    ddp_only = "only applies to distributed.strategy=data_parallel"
+    _check(not dd.zero_optimizer or dd.strategy == "data_parallel", "distributed.zero_optimizer",
+           ddp_only + " (model_parallel already shards the optimizer state)")
+    _check(not dd.bf16_grad_compression or dd.strategy == "data_parallel", "distributed.bf16_grad_compression",
+           ddp_only)
+    _check(cfg.model.parallel_factor == 1 or dd.strategy == "model_parallel", "model.parallel_factor",
+           "is the shard-group size of distributed.strategy=model_parallel; leave it 1 otherwise")
+    c = cfg.checkpointing
+    _check(not (dd.zero_optimizer and c.every_n_steps > 0 and c.save_optimizer_state
+                and not c.save_zero_redundancy), "checkpointing.save_zero_redundancy",
+           "distributed.zero_optimizer shards the optimizer state: checkpoints with optimizer state must be "
+           "sharded (set checkpointing.save_zero_redundancy=true or checkpointing.save_optimizer_state=false)")
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -84,6 +84,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """One entry per feature; each lives in the module its config key names."""
     from vishwamai.batching import build_dynamic_batch
     from vishwamai.checkpoint import build_checkpointing
+    from vishwamai.distributed import build_distributed_callbacks
     from vishwamai.monitoring import build_monitoring
 
     callbacks = []
@@ -92,6 +93,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     # (they write the step's checkpoint_save_s).
     callbacks += build_checkpointing(cfg, run_dir)
     callbacks += build_monitoring(cfg, run_dir)
+    callbacks += build_distributed_callbacks(cfg)
     return callbacks
 
 
@@ -109,14 +111,15 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     wall_start = time.time()
     if cfg.training.init_from:
         adopt_architecture(cfg)
-    run_dir = Path(cfg.run_dir)
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     parallel = build_parallelism(cfg)
+    run_dir = Path(cfg.run_dir)  # after joining the process group: all ranks agree on it
     device = parallel.device(t.device)
     check_fits(cfg.model, device, parallel.world_size, parallel.sharded)
-    data = load_token_data(cfg.data)
+    with parallel.main_first():  # rank 0 builds the token cache, the others then read it
+        data = load_token_data(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                                               f"vocabulary ({data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
@@ -131,7 +134,7 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     model = parallel.wrap(model)
     if t.compile:
         model = torch.compile(model)
-    optimizer = build_optimizer(model, t.optimizer)
+    optimizer = parallel.wrap_optimizer(build_optimizer(model, t.optimizer))
     scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)
     sampler = SequenceSampler(data.train, cfg.data.seq_len, t.seed, parallel.rank, parallel.world_size)
     trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, Precision(cfg.amp, device),
@@ -179,7 +182,11 @@ def print_outcome(summary: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default_config")
 def main(cfg: DictConfig) -> None:
+    from vishwamai.distributed.launch import launch_workers
+
     try:
+        if launch_workers(cfg):  # distributed.world_size given without torchrun: workers ran
+            return
         summary = run(cfg)
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,17 +1,20 @@
 """Process groups and model wrapping. The trainer talks to one `Parallelism` object.
 
-The single-process implementation below is what a laptop run uses; DDP and FSDP
-implement the same small interface, so the loop never branches on the strategy.
+The single-process implementation below is what a laptop run uses; DDP
+(distributed/ddp.py) and FSDP (distributed/fsdp.py) implement the same small
+interface, so the loop never branches on the strategy.  Processes are started by
+torchrun (or by `python -m vishwamai.training_v2 distributed.world_size=N`, which
+re-runs itself through torch's elastic launcher: distributed/launch.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Iterator
 
 import torch
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.errors import NotImplementedYet
 
 
 class Parallelism:
@@ -20,7 +23,12 @@ class Parallelism:
     rank = 0
     local_rank = 0
     world_size = 1
+    # Parameters (and so gradients and optimizer state) are split over ranks: saving
+    # goes through distributed/checkpoint.py (save_sharded / load_sharded).
     sharded = False
+    # Only the optimizer state is split over ranks (ZeRO): optimizer.state_dict() is
+    # not available locally, checkpoints with optimizer state must be sharded too.
+    shards_optimizer = False
 
     @property
     def is_main(self) -> bool:
@@ -37,9 +45,17 @@ class Parallelism:
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
 
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer the trainer steps (ZeRO replaces it by a sharded one)."""
+        return optimizer
+
     def accumulation_context(self, model: torch.nn.Module, is_last_micro_batch: bool):
         """Context for one micro-batch's forward+backward (DDP: no_sync until the last)."""
         return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> float:
+        """Clip gradients to `max_norm` (inf = measure only); returns the global norm."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
@@ -48,12 +64,44 @@ class Parallelism:
         """True on every rank if it is true on any rank (agreement on skip/stop)."""
         return flag
 
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        return [obj]
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole model's weights (collective under sharding: call it on every rank)."""
+        return model.state_dict()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. builds a cache), then the others."""
+        yield
+
+    def describe(self) -> str:
+        return "single process"
+
     def barrier(self) -> None: ...
 
     def shutdown(self) -> None: ...
 
 
 def build_parallelism(cfg: VishwamaiConfig) -> Parallelism:
-    if cfg.distributed.strategy == "none":
+    strategy = cfg.distributed.strategy
+    if strategy == "none":
         return Parallelism()
-    raise NotImplementedYet(f"distributed.strategy={cfg.distributed.strategy}")
+    if strategy == "data_parallel":
+        from vishwamai.distributed.ddp import DataParallel
+
+        return DataParallel(cfg)
+    from vishwamai.distributed.fsdp import FullyShardedParallel
+
+    return FullyShardedParallel(cfg)
+
+
+def build_distributed_callbacks(cfg: VishwamaiConfig) -> list:
+    from vishwamai.distributed.report import DistributedReport
+
+    return [DistributedReport()]
+
+
+__all__ = ["Parallelism", "build_distributed_callbacks", "build_parallelism"]

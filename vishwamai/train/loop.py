@@ -132,6 +132,7 @@ class Trainer:
             if (every and self.state.step % every == 0) or self.state.step == t.max_steps:
                 self.evaluate()
             self.fire("on_step_end")
+            self.should_stop = self.parallel.any(self.should_stop)  # every rank stops at the same step
         if self.state.last_val_loss is None:
             self.evaluate()
         self.fire("on_train_end")
@@ -192,7 +193,7 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.training.grad_clip or math.inf
-        return float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        return self.parallel.clip_grad_norm_(self.params, max_norm)  # sharded params: global norm
 
     def _guard_non_finite(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient never reaches the weights: skip, count, stop after K."""

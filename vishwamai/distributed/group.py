@@ -1,0 +1,111 @@
+"""The process group every multi-process strategy shares: join it, talk over it, leave it.
+
+Ranks come from the environment torchrun (and Kubeflow's PyTorchJob) sets:
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.  The backend is NCCL when
+the run is on GPUs and Gloo on CPUs unless distributed.backend says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from vishwamai.config import VishwamaiConfig
+from vishwamai.distributed import Parallelism
+from vishwamai.errors import ConfigError
+
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched() -> bool:
+    """True inside a process started by torchrun / the elastic agent / a PyTorchJob pod."""
+    return all(key in os.environ for key in LAUNCHER_ENV)
+
+
+def uses_cuda(cfg: VishwamaiConfig) -> bool:
+    requested = cfg.training.device
+    return requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+
+
+def choose_backend(cfg: VishwamaiConfig) -> str:
+    backend = cfg.distributed.backend or ("nccl" if uses_cuda(cfg) else "gloo")
+    if backend == "nccl" and not uses_cuda(cfg):
+        raise ConfigError("distributed.backend", "nccl needs GPUs; use gloo on CPU (or leave it null: automatic)")
+    return backend
+
+
+class ProcessGroupParallelism(Parallelism):
+    """Joins the default process group; collectives for agreement and metrics."""
+
+    def __init__(self, cfg: VishwamaiConfig):
+        d = cfg.distributed
+        if not launched():
+            raise ConfigError(
+                "distributed.strategy",
+                f"{d.strategy} needs several processes: start with `torchrun --nproc_per_node=N -m "
+                "vishwamai.training_v2 ...`, or give distributed.world_size / distributed.nproc_per_node "
+                "on the command line so vishwamai launches them",
+            )
+        self.rank = int(os.environ["RANK"])
+        self.world_size = int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if d.world_size is not None and d.world_size != self.world_size:
+            raise ConfigError("distributed.world_size",
+                              f"{d.world_size} but the launcher started {self.world_size} processes")
+        self.backend = choose_backend(cfg)
+        self.strategy = d.strategy
+        self._comm_device = torch.device("cpu")
+        kwargs: dict[str, Any] = {}
+        if self.backend == "nccl":
+            self._comm_device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self._comm_device)
+            kwargs["device_id"] = self._comm_device
+        # A finite timeout: a rank stuck in a collective (its peer died without the
+        # launcher noticing) raises instead of hanging the job forever.
+        dist.init_process_group(self.backend, timeout=timedelta(seconds=d.timeout_s), **kwargs)
+        self._agree_on_run_dir(cfg)
+
+    def _agree_on_run_dir(self, cfg: VishwamaiConfig) -> None:
+        # Hydra's default run dir carries a timestamp that may differ by a second
+        # between ranks: every rank uses rank 0's.
+        holder = [str(cfg.run_dir)]
+        dist.broadcast_object_list(holder, src=0)
+        cfg.run_dir = holder[0]
+
+    def describe(self) -> str:
+        return f"{self.strategy} over {self.world_size} processes ({self.backend})"
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return total / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
