@@ -70,7 +70,8 @@ def uses_sharded_checkpoints(trainer) -> bool:
 def assert_finite_weights(trainer, directory: Path) -> None:
     """A NaN/inf must never be written into a checkpoint (it would poison every resume)."""
     bad = [name for name, p in trainer.raw_model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if trainer.parallel.any(bool(bad)):
+    # Agreed by all ranks only when all write (sharded); otherwise the main rank is alone here.
+    if (trainer.parallel.any(bool(bad)) if uses_sharded_checkpoints(trainer) else bad):
         raise CheckpointError(f"refusing to write {directory}: non-finite weights in {bad[:5] or 'another rank'}")
 
 
