@@ -293,14 +293,36 @@ class TuningConfig:
     num_trials: int = 20
     metric: str = "validation_loss"
     direction: str = "minimize"
-    sampler: str = "tpe"  # tpe | random | cmaes | grid
+    sampler: str = "tpe"  # tpe | random | cmaes | grid (| bohb with framework=ray)
     pruner: str = "median"  # median | hyperband | successive_halving | none
-    # null = sqlite:///RUN_DIR/optuna.db
+    # Trials that always run to the end before the pruner may stop one, and the
+    # steps of every trial before it may be pruned.
+    pruner_startup_trials: int = 5
+    pruner_warmup_steps: int = 0
+    # null = a random seed for the sampler.
+    sampler_seed: Optional[int] = None
+    # null = sqlite:///RUN_DIR/optuna.db; any SQLAlchemy URL (postgresql://, mysql://).
     storage: Optional[str] = None
     study_name: str = "vishwamai"
+    # Trials run at once: Optuna starts n_jobs-1 extra worker processes on the same
+    # storage; Ray runs n_jobs concurrent trials.
     n_jobs: int = 1
-    # key -> {type: float|log_float|int|categorical, low, high, choices}
+    # Stop starting trials after this many seconds (null = no limit).
+    timeout_s: Optional[float] = None
+    # Seconds between a running trial's heartbeats; a trial silent for 3x this long
+    # (its process died) is marked failed and retried once. 0 = off.
+    heartbeat_s: int = 60
+    # key -> {type: float|log_float|int|categorical, low, high, step, choices};
+    # a null spec drops a key of the default space.
     search_space: dict[str, Any] = field(default_factory=dict)
+    # Parameter sets tried first when the study is created (e.g. the current best guess).
+    enqueue_trials: list[dict[str, Any]] = field(default_factory=list)
+    # Print `validation_loss=<value>` lines at each evaluation for Katib's StdOut collector.
+    katib_stdout: bool = False
+    # Ray Tune: resources per trial; null address = a local Ray instance.
+    ray_address: Optional[str] = None
+    ray_cpus_per_trial: float = 1.0
+    ray_gpus_per_trial: float = 0.0
 
 
 # -------------------------------------------------------------------------- root
@@ -434,6 +456,15 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _one_of(tu.framework, "tuning.framework", ("optuna", "ray"))
     _check(tu.num_trials > 0, "tuning.num_trials", "must be > 0")
     _one_of(tu.direction, "tuning.direction", ("minimize", "maximize"))
+    _one_of(tu.metric, "tuning.metric", ("validation_loss", "validation_perplexity"))
+    _one_of(tu.sampler, "tuning.sampler", ("tpe", "random", "cmaes", "grid", "bohb"))
+    _check(tu.sampler != "bohb" or tu.framework == "ray", "tuning.sampler", "bohb needs tuning.framework=ray")
+    _one_of(tu.pruner, "tuning.pruner", ("median", "hyperband", "successive_halving", "none"))
+    _check(tu.pruner_startup_trials >= 0, "tuning.pruner_startup_trials", "must be >= 0")
+    _check(tu.pruner_warmup_steps >= 0, "tuning.pruner_warmup_steps", "must be >= 0")
+    _check(tu.n_jobs >= 1, "tuning.n_jobs", f"must be >= 1, got {tu.n_jobs}")
+    _check(tu.heartbeat_s >= 0, "tuning.heartbeat_s", "must be >= 0 (0 = off)")
+    _check(tu.timeout_s is None or tu.timeout_s > 0, "tuning.timeout_s", "must be > 0 or null")
 
 
 def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:

@@ -49,7 +49,6 @@ def reject_unimplemented(cfg: DictConfig) -> None:
         "distillation.enabled": cfg.distillation.enabled,
         "distillation.pruning.enabled": cfg.distillation.pruning.enabled,
         "distillation.quantization.enabled": cfg.distillation.quantization.enabled,
-        "tuning.enabled": cfg.tuning.enabled,
     }
     for key, requested in pending.items():
         if requested:
@@ -86,6 +85,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from vishwamai.checkpoint import build_checkpointing
     from vishwamai.distributed import build_distributed_callbacks
     from vishwamai.monitoring import build_monitoring
+    from vishwamai.tune import build_tuning_callbacks
 
     callbacks = []
     callbacks += build_dynamic_batch(cfg)  # first: its on_step_end adds metrics the loggers write
@@ -94,11 +94,16 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     callbacks += build_checkpointing(cfg, run_dir)
     callbacks += build_monitoring(cfg, run_dir)
     callbacks += build_distributed_callbacks(cfg)
+    callbacks += build_tuning_callbacks(cfg)  # Katib's name=value lines
     return callbacks
 
 
 def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     """Train one model as `cfg` says; returns the summary also written to summary.json."""
+    if cfg.tuning.enabled:  # a study of many such runs instead (vishwamai/tune)
+        from vishwamai.tune import run_tuning
+
+        return run_tuning(cfg)
     validate(cfg)
     reject_unimplemented(cfg)
     from vishwamai.data import SequenceSampler, load_token_data
