@@ -214,3 +214,38 @@ def test_a_trial_whose_process_died_is_failed_by_heartbeat_and_retried(tmp_path,
     trials = stored_trials(run_dir)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == trials[0].params
+
+
+@pytest.mark.slow  # creating an MLflow sqlite store takes seconds
+def test_trial_runs_nest_under_the_study_mlflow_run(tmp_path, tiny_overrides):
+    from mlflow.tracking import MlflowClient
+
+    overrides = study_overrides(tiny_overrides) + [
+        "monitoring.enabled=true", "monitoring.tensorboard.enabled=false", "monitoring.mlflow.enabled=true",
+        "tuning.num_trials=2", "tuning.enqueue_trials=[]", "++tuning.search_space={model.n_heads: null}"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        run(compose_config(overrides, run_dir=str(tmp_path)))
+    except NotImplementedYet as e:
+        assert "mlflow" in str(e)
+        (study_run,) = client.search_runs([client.get_experiment_by_name("vishwamai").experiment_id])
+        assert study_run.info.status == "FAILED" and study_run.data.tags["vishwamai.study"] == "vishwamai"
+        pytest.skip("the monitoring MLflow sink is not built yet: trial-run nesting untested")
+    experiment = client.get_experiment_by_name("vishwamai")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "vishwamai.study" in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert "best_value" in parent.data.metrics
+
+
+@pytest.mark.slow
+def test_ray_tune_study_with_asha(tmp_path, tiny_overrides):
+    pytest.importorskip("ray", reason="ray is not installed: pip install 'vishwamai[ray]'")
+    overrides = study_overrides(tiny_overrides) + [
+        "tuning.framework=ray", "tuning.pruner=successive_halving", "tuning.num_trials=3", "tuning.n_jobs=1",
+        "tuning.enqueue_trials=[]", "++tuning.search_space={model.n_heads: null}"]
+    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
+    assert summary["framework"] == "ray" and len(summary["trials"]) == 3
+    assert (tmp_path / "best_overrides.yaml").is_file()
+    assert summary["trials_complete"] >= 1

@@ -7,7 +7,8 @@ play the pruner's part:
   tuning.sampler random -> Ray's random search, tpe / cmaes -> OptunaSearch with that
                  sampler, grid -> grid_search over the grid, bohb -> TuneBOHB with
                  HyperBandForBOHB (needs `hpbandster` and `ConfigSpace`)
-Results live in RUN_DIR/ray/<study_name>; a rerun restores the unfinished experiment.
+Results live in <tuning.storage or RUN_DIR/ray>/<study_name>; a rerun restores the
+unfinished experiment.  tuning.enqueue_trials are evaluated first (points_to_evaluate).
 Trials run in Ray worker processes, `tuning.n_jobs` at a time.
 """
 
@@ -95,18 +96,26 @@ def _scheduler(cfg: DictConfig):
 
 
 def _search(tu: DictConfig):
-    if tu.sampler in ("random", "grid"):
+    """The search algorithm; tuning.enqueue_trials become its points_to_evaluate (tried first)."""
+    points = OmegaConf.to_container(tu.enqueue_trials, resolve=True) or None
+    if tu.sampler == "grid":
+        if points:
+            raise ConfigError("tuning.enqueue_trials", "a grid search already tries every point; leave it empty")
         return None
+    if tu.sampler == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.sampler_seed)
     if tu.sampler == "bohb":
         from ray.tune.search.bohb import TuneBOHB
 
-        return TuneBOHB(seed=tu.sampler_seed)
+        return TuneBOHB(points_to_evaluate=points, seed=tu.sampler_seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     sampler = (optuna.samplers.CmaEsSampler(seed=tu.sampler_seed) if tu.sampler == "cmaes"
                else optuna.samplers.TPESampler(seed=tu.sampler_seed))
-    return OptunaSearch(sampler=sampler)
+    return OptunaSearch(sampler=sampler, points_to_evaluate=points)
 
 
 def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
@@ -122,10 +131,11 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
                              tracking_uri=tracking_uri(cfg, run_dir)),
         {"cpu": tu.ray_cpus_per_trial, "gpu": tu.ray_gpus_per_trial})
-    storage = run_dir / "ray"
-    path = storage / tu.study_name
-    if tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable)
+    # tuning.storage: Ray's storage_path (a folder or an s3:// / gs:// URI); default RUN_DIR/ray.
+    storage = tu.storage or str(run_dir / "ray")
+    path = f"{storage.rstrip('/')}/{tu.study_name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -137,7 +147,7 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
             run_config=run_config(name=tu.study_name, storage_path=str(storage)),
         )
     grid_result = tuner.fit()
-    return _result(cfg, grid_result, str(path))
+    return _result(cfg, grid_result, path)
 
 
 def _result(cfg: DictConfig, grid_result, storage: str) -> StudyResult:
