@@ -249,3 +249,22 @@ def test_ray_tune_study_with_asha(tmp_path, tiny_overrides):
     assert summary["framework"] == "ray" and len(summary["trials"]) == 3
     assert (tmp_path / "best_overrides.yaml").is_file()
     assert summary["trials_complete"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("cmaes", "successive_halving"),
+                                             ("grid", "none"), ("random", "median")])
+def test_every_sampler_and_pruner_runs_a_study(tmp_path, tiny_overrides, sampler, pruner):
+    overrides = study_overrides(tiny_overrides) + [
+        f"tuning.sampler={sampler}", f"tuning.pruner={pruner}", "tuning.num_trials=3", "tuning.enqueue_trials=[]",
+        "training.max_steps=6",
+        "++tuning.search_space={model.n_heads: null, training.optimizer.lr: {type: float, low: 0.001, high: 0.003, "
+        "step: 0.001}, training.batch_size: {type: int, low: 2, high: 4, step: 2}}"]
+    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
+    trials = stored_trials(tmp_path)
+    assert len(trials) == 3 and summary["trials_complete"] >= 1
+    for t in trials:
+        assert any(t.params["training.optimizer.lr"] == pytest.approx(v) for v in (0.001, 0.002, 0.003))
+        assert t.params["training.batch_size"] in (2, 4)
+    if sampler == "grid":
+        assert len({tuple(t.params.values()) for t in trials}) == 3  # no grid point twice
