@@ -1,0 +1,13 @@
+from kfp.dsl import HTML, Input, Markdown, Metrics, Model, Output
+
+
+def evaluate(teacher: Input[Model], student: Input[Model], pruned: Input[Model], quantized: Input[Model],
+             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]):
+    """Compare the four models (loss, perplexity, size, latency): metrics, a report and its plot."""
+    import tempfile
+
+    from vishwamai.kubeflow import stages
+
+    models = {"teacher": teacher.path, "student": student.path, "pruned": pruned.path, "quantized": quantized.path}
+    with tempfile.TemporaryDirectory() as out:
+        stages.evaluate(models, out, metrics, report.path, report_html.path)

@@ -1,0 +1,8 @@
+"""Kubeflow runtime pieces that live in the image (the package), not in the repository's
+components/, pipelines/ and manifests/ folders:
+
+  stages.py  what each KFP component runs: an ordinary vishwamai entry point, artifacts in and out
+  launch.py  the PyTorchJob / TrainJob pod command: torchrun from the operator's env, with exit
+             codes the Training Operator's ExitCode restart policy understands
+  wait.py    the worker init container: wait until the master's Service resolves and listens
+"""

@@ -1,0 +1,132 @@
+"""The body of each KFP component (components/ only forwards its artifacts here).
+
+A component runs in the project's image, so everything it needs is imported from the
+installed package; the functions take artifact *paths* (and the Metrics artifact, duck-typed:
+anything with `log_metric`) so they also run, and are tested, without KFP.
+
+Artifacts between stages:
+  model    a run directory (config.yaml, metrics.jsonl, summary.json, checkpoints/final) for the
+           trained stages; a model directory written by vishwamai.compress for the quantized one
+  dataset  the token cache of the corpus (data.cache_dir): later stages reuse it, no re-tokenising
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class MetricsSink(Protocol):
+    def log_metric(self, metric: str, value: float) -> None: ...
+
+
+# Summary keys worth showing in the KFP UI (numbers only; the rest stays in summary.json).
+SUMMARY_METRICS = ("final_val_loss", "best_val_loss", "final_train_loss", "steps", "tokens", "tokens_per_s",
+                   "train_time_s", "num_parameters")
+
+
+def model_dir(path: str) -> str:
+    """The loadable model directory inside a Model artifact (run dir or model dir)."""
+    from vishwamai.checkpoint import find_model_dir
+
+    return str(find_model_dir(path))
+
+
+def train(overrides: list[str], run_dir: str, dataset_dir: str) -> dict[str, Any]:
+    """`python -m vishwamai.training_v2 *overrides` writing into run_dir, data cached in dataset_dir."""
+    from vishwamai.training_v2 import compose_config, run
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return run(compose_config([*overrides, f"data.cache_dir={dataset_dir}"], run_dir=run_dir))
+
+
+def log_summary(metrics: MetricsSink, summary: dict[str, Any]) -> None:
+    for key in SUMMARY_METRICS:
+        value = summary.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            metrics.log_metric(key, float(value))
+    if isinstance(summary.get("final_val_loss"), float):
+        metrics.log_metric("val_perplexity", math.exp(min(summary["final_val_loss"], 50.0)))
+
+
+def pretrain(overrides: list[str], model_preset: str, steps: int, model_out: str, dataset_out: str,
+             metrics: MetricsSink) -> dict[str, Any]:
+    """The teacher: a model of preset `model_preset` trained from scratch."""
+    summary = train([f"model={model_preset}", f"training.max_steps={steps}", *overrides], model_out, dataset_out)
+    log_summary(metrics, summary)
+    return summary
+
+
+def distill(overrides: list[str], student_overrides: list[str], steps: int, teacher: str, dataset: str,
+            student_out: str, metrics: MetricsSink) -> dict[str, Any]:
+    """A smaller student (architecture from student_overrides, e.g. model.n_layers=2) taught by `teacher`."""
+    summary = train(["distillation.enabled=true", f"distillation.teacher_model.path={model_dir(teacher)}",
+                     f"training.max_steps={steps}", *overrides, *student_overrides], student_out, dataset)
+    log_summary(metrics, summary)
+    return summary
+
+
+def prune(overrides: list[str], target_sparsity: float, steps: int, student: str, dataset: str,
+          pruned_out: str, metrics: MetricsSink) -> dict[str, Any]:
+    """Fine-tune the student while the pruning schedule takes it to target_sparsity by the last step."""
+    summary = train([f"training.init_from={model_dir(student)}", f"training.max_steps={steps}",
+                     "distillation.pruning.enabled=true", f"distillation.pruning.target_sparsity={target_sparsity}",
+                     "distillation.pruning.begin_step=0", f"distillation.pruning.end_step={steps}",
+                     *overrides], pruned_out, dataset)
+    log_summary(metrics, summary)
+    return summary
+
+
+def quantize(mode: str, calibration_steps: int, pruned: str, quantized_out: str,
+             metrics: MetricsSink) -> dict[str, Any]:
+    """Post-training int8 quantization of the pruned model (vishwamai.compress.quantize)."""
+    from vishwamai.compress.quantize import quantize_model_dir
+
+    result = quantize_model_dir(model_dir(pruned), quantized_out, mode, calibration_steps)
+    for key, value in (result or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics.log_metric(key, float(value))
+    return result or {}
+
+
+def evaluate(models: dict[str, str], output_dir: str, metrics: MetricsSink, report_md: str,
+             report_html: str) -> dict[str, Any]:
+    """Compare the stages' models (loss, perplexity, size, latency); KFP metrics + Markdown/HTML report."""
+    from vishwamai.evaluate import evaluate_models
+    from vishwamai.report import write_report
+
+    out = Path(output_dir)
+    evaluate_models(models, out)
+    write_report(out)
+    results = json.loads((out / "evaluation.json").read_text())
+    for name, value in flatten_numbers(results):
+        metrics.log_metric(name, value)
+    markdown = (out / "evaluation.md").read_text()
+    Path(report_md).write_text(markdown)
+    Path(report_html).write_text(html_report(markdown, out / "evaluation.png"))
+    return results
+
+
+def flatten_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """[(a_b_c, value)] for every finite number in nested dicts/lists (KFP metrics are flat)."""
+    if isinstance(tree, dict):
+        return [kv for k, v in tree.items() for kv in flatten_numbers(v, f"{prefix}{k}_")]
+    if isinstance(tree, list):
+        return [kv for i, v in enumerate(tree) for kv in flatten_numbers(v, f"{prefix}{i}_")]
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool) and math.isfinite(tree):
+        return [(prefix.rstrip("_"), float(tree))]
+    return []
+
+
+def html_report(markdown: str, plot: Path) -> str:
+    """A self-contained page (the KFP UI shows HTML artifacts inline): the report text and its plot."""
+    import html
+
+    image = ""
+    if plot.is_file():
+        image = f'<img alt="evaluation plot" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>vishwamai evaluation</title></head>"
+            f"<body>{image}<pre>{html.escape(markdown)}</pre></body></html>")
