@@ -35,7 +35,7 @@ def study_overrides(tiny_overrides: list[str]) -> list[str]:
     return tiny_overrides + [
         "training.max_steps=12", "training.eval_every_n_steps=3", "training.log_every_n_steps=1",
         "tuning.enabled=true", "tuning.pruner=median", "tuning.pruner_startup_trials=1",
-        "tuning.sampler=random", "tuning.sampler_seed=0", "tuning.heartbeat_s=0", SPACE, ENQUEUED,
+        "tuning.sampler=random", "tuning.sampler_seed=0", SPACE, ENQUEUED,
     ]
 
 

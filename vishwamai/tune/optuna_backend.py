@@ -194,10 +194,12 @@ class OptunaStudy:
                 trial.set_user_attr("pruned_at_step", reporter.stopped_at)
                 raise optuna.TrialPruned(f"pruned at step {reporter.stopped_at}")
             return objective_value(summary, self.tu.metric)
-        except (optuna.TrialPruned, NotImplementedYet, KeyboardInterrupt):
+        except (optuna.TrialPruned, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - any trial failure is recorded, the study goes on
             trial.set_user_attr("fail_reason", failure_reason(e))
+            if isinstance(e, NotImplementedYet):
+                raise  # not in `catch`: every trial would fail the same way, so the study stops
             raise TrialError(failure_reason(e)) from e
         finally:
             _release_accelerator_memory()
