@@ -165,15 +165,22 @@ def test_unimplemented_feature_stops_the_study_instead_of_failing_every_trial(tm
     assert not (tmp_path / "trials").exists()
 
 
-def test_all_trials_failing_is_an_error_with_the_reason(tmp_path, tiny_overrides):
+def test_all_trials_failing_is_an_error_with_the_reasons(tmp_path, tiny_overrides):
+    """A diverging trial (NaN -> NonFiniteLossError) and an invalid one are both recorded as failed."""
     from vishwamai.tune.results import TuningError
 
     overrides = study_overrides(tiny_overrides) + [
-        "tuning.num_trials=2", "tuning.enqueue_trials=[]",
-        "++tuning.search_space={model.n_heads: {type: categorical, choices: [3, 5]}}"]
-    with pytest.raises(TuningError, match="n_heads"):
+        "tuning.num_trials=2", "training.max_consecutive_bad_steps=2", "training.grad_clip=0",
+        "training.scheduler.warmup_steps=0",
+        "++tuning.search_space={training.optimizer.lr: {type: categorical, choices: [1.0e6, 1.0e7]}}",
+        "tuning.enqueue_trials=[{training.optimizer.lr: 1.0e6, model.n_heads: 2}, "
+        "{training.optimizer.lr: 1.0e7, model.n_heads: 3}]"]
+    with pytest.raises(TuningError, match="no trial"):
         run_tuning(compose_config(overrides, run_dir=str(tmp_path)))
-    assert [t.state.name for t in stored_trials(tmp_path)] == ["FAIL", "FAIL"]
+    trials = stored_trials(tmp_path)
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
+    assert trials[0].user_attrs["fail_reason"].startswith("NonFiniteLossError")
+    assert "n_heads" in trials[1].user_attrs["fail_reason"]
 
 
 @pytest.mark.slow
