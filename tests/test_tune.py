@@ -196,31 +196,37 @@ def test_n_jobs_runs_trials_in_worker_processes(tmp_path, tiny_overrides):
 
 
 @pytest.mark.slow
-def test_a_trial_whose_process_died_is_failed_by_heartbeat_and_retried(tmp_path, tiny_overrides):
-    """Kill a study mid-trial; the next process marks the stale trial failed and reruns its values."""
+def test_a_trial_whose_process_died_is_retried_from_its_last_checkpoint(tmp_path, tiny_overrides):
+    """Kill a study mid-trial; the next process fails the stale trial (heartbeat) and reruns its
+    values, continuing from the dead trial's last periodic checkpoint."""
     import signal
     import time
 
     run_dir = tmp_path / "study"
     overrides = study_overrides(tiny_overrides) + [
-        "training.max_steps=3000", "training.eval_every_n_steps=1000", "tuning.heartbeat_s=1",
-        "tuning.num_trials=1", "tuning.pruner=none", "tuning.enqueue_trials=[]",
+        "training.max_steps=3000", "training.eval_every_n_steps=1000", "checkpointing.every_n_steps=5",
+        "tuning.heartbeat_s=1", "tuning.num_trials=1", "tuning.pruner=none", "tuning.enqueue_trials=[]",
         "++tuning.search_space={model.n_heads: null}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen([sys.executable, "-m", "vishwamai.training_v2", *overrides], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoints = run_dir / "trials" / "trial-0" / "checkpoints"
     deadline = time.time() + 120
-    while not (run_dir / "trials" / "trial-0" / "metrics.jsonl").exists():
+    while not list(checkpoints.glob("step-*")):
         assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.5)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert [t.state.name for t in stored_trials(run_dir)] == ["RUNNING"]
+    last = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
     time.sleep(4)  # > 3 heartbeats: the trial is stale
-    short = [o for o in overrides if not o.startswith(("training.max_steps", "hydra."))] + ["training.max_steps=6"]
-    run(compose_config(short, run_dir=str(run_dir)))
+    again = [o for o in overrides if not o.startswith(("training.max_steps", "hydra."))]
+    run(compose_config(again + [f"training.max_steps={last + 4}"], run_dir=str(run_dir)))
     trials = stored_trials(run_dir)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == trials[0].params
+    assert trials[1].user_attrs["resumed_from"] == str(run_dir / "trials" / "trial-0")
+    steps = [json.loads(r)["step"] for r in (run_dir / "trials/trial-1/metrics.jsonl").read_text().splitlines()]
+    assert steps[0] > 1 and steps[-1] == last + 4
 
 
 @pytest.mark.slow  # creating an MLflow sqlite store takes seconds

@@ -189,7 +189,12 @@ class OptunaStudy:
 
         reporter = Reporter(self.tu.metric, report)
         try:
-            summary = run_trial(trial_config(self.cfg, values, trial_dir, self.tracking.uri), [reporter])
+            trial_cfg = trial_config(self.cfg, values, trial_dir, self.tracking.uri)
+            resume_from = self._checkpoints_of_retried_trial(trial)
+            if resume_from:
+                trial_cfg.training.resume = resume_from
+                trial.set_user_attr("resumed_from", resume_from)
+            summary = run_trial(trial_cfg, [reporter])
             if reporter.stopped_at is not None:
                 trial.set_user_attr("pruned_at_step", reporter.stopped_at)
                 raise optuna.TrialPruned(f"pruned at step {reporter.stopped_at}")
@@ -203,6 +208,19 @@ class OptunaStudy:
             raise TrialError(failure_reason(e)) from e
         finally:
             _release_accelerator_memory()
+
+    def _checkpoints_of_retried_trial(self, trial) -> str | None:
+        """A retry of a trial whose process died continues from that trial's last checkpoint
+        (when it saved any: checkpointing.every_n_steps > 0) instead of from step 0."""
+        retry, _ = _retry_callback()
+        trials = self.study.get_trials(deepcopy=False)
+        original = retry.retried_trial_number(next(t for t in trials if t.number == trial.number))
+        if original is None:
+            return None
+        old_dir = next(t for t in trials if t.number == original).user_attrs.get("run_dir")
+        if old_dir and (Path(old_dir) / "checkpoints").is_dir():
+            return old_dir
+        return None
 
     def _stop_when_budget_spent(self, study, _trial) -> None:
         if counted_trials(study) >= self.tu.num_trials:
