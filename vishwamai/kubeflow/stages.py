@@ -8,6 +8,9 @@ Artifacts between stages:
   model    a run directory (config.yaml, metrics.jsonl, summary.json, checkpoints/final) for the
            trained stages; a model directory written by vishwamai.compress for the quantized one
   dataset  the token cache of the corpus (data.cache_dir): later stages reuse it, no re-tokenising
+
+Overrides: the pipeline's common `overrides` first, then each stage's own settings (steps, teacher,
+sparsity), which win: Hydra applies overrides left to right.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def log_summary(metrics: MetricsSink, summary: dict[str, Any]) -> None:
 def pretrain(overrides: list[str], model_preset: str, steps: int, model_out: str, dataset_out: str,
              metrics: MetricsSink) -> dict[str, Any]:
     """The teacher: a model of preset `model_preset` trained from scratch."""
-    summary = train([f"model={model_preset}", f"training.max_steps={steps}", *overrides], model_out, dataset_out)
+    summary = train([*overrides, f"model={model_preset}", f"training.max_steps={steps}"], model_out, dataset_out)
     log_summary(metrics, summary)
     return summary
 
@@ -63,8 +66,9 @@ def pretrain(overrides: list[str], model_preset: str, steps: int, model_out: str
 def distill(overrides: list[str], student_overrides: list[str], steps: int, teacher: str, dataset: str,
             student_out: str, metrics: MetricsSink) -> dict[str, Any]:
     """A smaller student (architecture from student_overrides, e.g. model.n_layers=2) taught by `teacher`."""
-    summary = train(["distillation.enabled=true", f"distillation.teacher_model.path={model_dir(teacher)}",
-                     f"training.max_steps={steps}", *overrides, *student_overrides], student_out, dataset)
+    summary = train([*overrides, *student_overrides, "distillation.enabled=true",
+                     f"distillation.teacher_model.path={model_dir(teacher)}", f"training.max_steps={steps}"],
+                    student_out, dataset)
     log_summary(metrics, summary)
     return summary
 
@@ -72,10 +76,10 @@ def distill(overrides: list[str], student_overrides: list[str], steps: int, teac
 def prune(overrides: list[str], target_sparsity: float, steps: int, student: str, dataset: str,
           pruned_out: str, metrics: MetricsSink) -> dict[str, Any]:
     """Fine-tune the student while the pruning schedule takes it to target_sparsity by the last step."""
-    summary = train([f"training.init_from={model_dir(student)}", f"training.max_steps={steps}",
+    summary = train([*overrides, f"training.init_from={model_dir(student)}", f"training.max_steps={steps}",
                      "distillation.pruning.enabled=true", f"distillation.pruning.target_sparsity={target_sparsity}",
-                     "distillation.pruning.begin_step=0", f"distillation.pruning.end_step={steps}",
-                     *overrides], pruned_out, dataset)
+                     "distillation.pruning.begin_step=0", f"distillation.pruning.end_step={steps}"],
+                    pruned_out, dataset)
     log_summary(metrics, summary)
     return summary
 

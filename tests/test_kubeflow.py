@@ -1,0 +1,277 @@
+"""components/, pipelines/ and vishwamai/kubeflow: the KFP pipeline, its CLI, and the pod launcher.
+
+Real tools: the kfp compiler, kfp.local's SubprocessRunner, torchrun processes. The one stand-in is
+the Kubeflow Pipelines API server (`upload`), which cannot run here: a recording fake client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.cli import main as cli_main, parse_params, parse_toleration, upload
+from pipelines.training_pipeline import STAGE_ORDER, PodSettings, compile_pipeline
+from vishwamai.kubeflow import stages
+from vishwamai.kubeflow.launch import pod_exit_code
+from vishwamai.kubeflow.wait import wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_compiled(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> tuple[dict, dict]:
+    out = tmp_path_factory.mktemp("kfp") / "pipeline.yaml"
+    pod = PodSettings(gpus=2, node_selector={"pool": "gpu"}, tolerations=[parse_toleration("nvidia.com/gpu:NoSchedule")])
+    compile_pipeline(str(out), image="registry.example.com/vishwamai:1.2.3-cuda", pod=pod)
+    return load_compiled(out)
+
+
+# ------------------------------------------------------------------------------------ compile
+def test_pipeline_has_the_five_stages_in_order(compiled):
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == set(STAGE_ORDER)
+    deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
+    assert deps["pretrain"] == set()
+    assert deps["distill"] == {"pretrain"}
+    assert deps["prune"] == {"pretrain", "distill"}
+    assert deps["quantize"] == {"prune"}
+    assert deps["evaluate"] == {"pretrain", "distill", "prune", "quantize"}
+
+
+def producer(task: dict, artifact: str) -> tuple[str, str]:
+    ref = task["inputs"]["artifacts"][artifact]["taskOutputArtifact"]
+    return ref["producerTask"], ref["outputArtifactKey"]
+
+
+def test_artifacts_flow_between_stages(compiled):
+    tasks = compiled[0]["root"]["dag"]["tasks"]
+    assert producer(tasks["distill"], "teacher") == ("pretrain", "model")
+    assert producer(tasks["distill"], "dataset") == ("pretrain", "dataset")
+    assert producer(tasks["prune"], "student") == ("distill", "student")
+    assert producer(tasks["quantize"], "pruned") == ("prune", "pruned")
+    assert {a: producer(tasks["evaluate"], a) for a in ("teacher", "student", "pruned", "quantized")} == {
+        "teacher": ("pretrain", "model"), "student": ("distill", "student"),
+        "pruned": ("prune", "pruned"), "quantized": ("quantize", "quantized")}
+    outputs = compiled[0]["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
+    assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+    assert outputs["report_html"]["artifactType"]["schemaTitle"] == "system.HTML"
+
+
+def test_parameters_image_resources_retries_and_scheduling(compiled):
+    spec, platform = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert {"model_preset", "pretrain_steps", "target_sparsity", "quantization_mode", "overrides",
+            "student_overrides"} <= set(params)
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        container = executor["container"]
+        assert container["image"] == "registry.example.com/vishwamai:1.2.3-cuda", name
+        assert "pip install" not in " ".join(container["command"])  # everything comes from the image
+        gpus = container["resources"].get("accelerator", {}).get("resourceCount")
+        assert (gpus == "2") == any(s in name for s in ("pretrain", "distill", "prune")), name
+        assert container["resources"]["cpuRequest"] and container["resources"]["memoryLimit"]
+    for task in spec["root"]["dag"]["tasks"].values():
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+        assert task["cachingOptions"].get("enableCache") is True
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert all(e["nodeSelector"]["labels"] == {"pool": "gpu"} for e in k8s.values())
+    assert all(e["tolerations"][0]["key"] == "nvidia.com/gpu" for e in k8s.values())
+
+
+def test_cli_compile_writes_the_ir(tmp_path):
+    out = tmp_path / "p.yaml"
+    cli_main(["compile", "--output", str(out), "--image", "img:7", "--no-cache", "--retries", "0"])
+    spec, platform = load_compiled(out)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == set(STAGE_ORDER) and platform == {}
+    assert all("retryPolicy" not in t or t["retryPolicy"].get("maxRetryCount", 0) == 0 for t in tasks.values())
+    assert not any(t["cachingOptions"].get("enableCache") for t in tasks.values())
+
+
+def test_cli_parsing():
+    assert parse_params(["steps=3", "overrides=[\"a=1\"]", "mode=dynamic", "x=0.5"]) == {
+        "steps": 3, "overrides": ["a=1"], "mode": "dynamic", "x": 0.5}
+    assert parse_toleration("gpu=yes:NoSchedule") == ("gpu", "Equal", "yes", "NoSchedule")
+    assert parse_toleration("dedicated") == ("dedicated", "Exists", None, None)
+    with pytest.raises(SystemExit, match="key=value"):
+        parse_params(["nokey"])
+
+
+class FakeKfpClient:
+    """Stands in for the Kubeflow Pipelines API server (none can run here); records the calls."""
+
+    def __init__(self, existing: dict[str, str]):
+        self.existing, self.calls = existing, []
+
+    def get_pipeline_id(self, name):
+        return self.existing.get(name)
+
+    def upload_pipeline(self, path, pipeline_name):
+        self.calls.append(("upload_pipeline", path, pipeline_name))
+        return type("P", (), {"pipeline_id": "new-id"})()
+
+    def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
+        self.calls.append(("upload_pipeline_version", path, pipeline_version_name, pipeline_id))
+        return type("V", (), {"pipeline_version_id": "v-id"})()
+
+
+def test_upload_creates_the_pipeline_then_new_versions():
+    fresh = FakeKfpClient({})
+    assert upload(fresh, "p.yaml", "vishwamai", None) == ("new-id", None)
+    assert fresh.calls == [("upload_pipeline", "p.yaml", "vishwamai")]
+    known = FakeKfpClient({"vishwamai": "pid"})
+    assert upload(known, "p.yaml", "vishwamai", "v2") == ("pid", "v-id")
+    assert known.calls == [("upload_pipeline_version", "p.yaml", "v2", "pid")]
+
+
+# ---------------------------------------------------------------------------------- stage glue
+class Sink:
+    def __init__(self):
+        self.values = {}
+
+    def log_metric(self, name, value):
+        self.values[name] = value
+
+
+def test_summary_becomes_metrics_with_perplexity():
+    sink = Sink()
+    stages.log_summary(sink, {"final_val_loss": 2.0, "steps": 10, "run_dir": "/x", "best_val_loss": float("nan")})
+    assert sink.values["steps"] == 10.0 and sink.values["val_perplexity"] == pytest.approx(7.389, abs=1e-3)
+    assert "best_val_loss" not in sink.values and "run_dir" not in sink.values
+
+
+def test_evaluation_json_flattens_to_kfp_metrics():
+    tree = {"student": {"val_loss": 2.5, "size_mb": 1, "ok": True, "name": "s"}, "rows": [{"p": 3}]}
+    assert dict(stages.flatten_numbers(tree)) == {"student_val_loss": 2.5, "student_size_mb": 1.0, "rows_0_p": 3.0}
+
+
+def test_html_report_embeds_the_plot(tmp_path):
+    plot = tmp_path / "p.png"
+    plot.write_bytes(b"\x89PNG fake")
+    page = stages.html_report("| model | <loss> |", plot)
+    assert "data:image/png;base64," in page and "&lt;loss&gt;" in page
+
+
+@pytest.mark.slow  # ~12 s: a subprocess that imports kfp, torch and trains
+def test_pretrain_component_runs_in_kfp_local(tmp_path, tiny_overrides):
+    """One real stage through kfp.local: Model, Dataset and Metrics artifacts come out."""
+    from kfp import local
+
+    from components import build_components
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    task = build_components("unused:0")["pretrain"](overrides=tiny_overrides, model_preset="tiny", steps=4)
+    model, dataset, metrics = task.outputs["model"], task.outputs["dataset"], task.outputs["metrics"]
+    assert (Path(model.path) / "checkpoints" / "final" / "model_config.json").is_file()
+    assert json.loads((Path(model.path) / "summary.json").read_text())["steps"] == 4
+    assert list(Path(dataset.path).glob("*/tokens.bin"))
+    assert metrics.metadata["steps"] == 4.0 and metrics.metadata["val_perplexity"] > 1.0
+
+
+def missing_stage_modules() -> list[str]:
+    """Stages other issues still owe; the end-to-end run is skipped (with their names) until they land."""
+    import importlib.util
+
+    from vishwamai.errors import NotImplementedYet
+    from vishwamai.training_v2 import compose_config, reject_unimplemented
+
+    missing = [m for m in ("vishwamai.compress.quantize", "vishwamai.evaluate", "vishwamai.report")
+               if importlib.util.find_spec(m) is None]
+    for key in ("distillation.enabled", "distillation.pruning.enabled"):
+        try:
+            reject_unimplemented(compose_config([f"{key}=true"], run_dir="/tmp/x"))
+        except NotImplementedYet:
+            missing.append(key)
+    return missing
+
+
+@pytest.mark.slow
+def test_whole_pipeline_runs_end_to_end_in_kfp_local(tmp_path, tiny_overrides):
+    missing = missing_stage_modules()
+    if missing:
+        pytest.skip(f"stages not built yet: {', '.join(missing)}")
+    from pipelines.cli import run_local
+
+    task = run_local({"overrides": tiny_overrides, "pretrain_steps": 6, "distill_steps": 6, "prune_steps": 6,
+                      "student_overrides": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"],
+                      "target_sparsity": 0.5, "calibration_steps": 2}, str(tmp_path / "root"))
+    report = Path(task.outputs["report"].path).read_text()
+    for name in ("teacher", "student", "pruned", "quantized"):
+        assert name in report
+    assert "data:image/png;base64," in Path(task.outputs["report_html"].path).read_text()
+    assert any("quantized" in k for k in task.outputs["metrics"].metadata)
+
+
+# ------------------------------------------------------------------------------- pod launcher
+def test_pod_exit_codes_follow_the_training_operator_exit_code_policy():
+    assert pod_exit_code([0, 0]) == 0
+    assert pod_exit_code([2, -15]) == 2  # bad config / NaN on any rank: permanent (1-127)
+    assert pod_exit_code([1]) == 129  # a crash or a lost peer: retryable (128-255)
+    assert pod_exit_code([75]) == 203  # preempted after a checkpoint: retryable
+    assert pod_exit_code([-9]) == 137  # killed by a signal: retryable, as the kubelet reports it
+
+
+def launcher_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    return {**env, "PET_NPROC_PER_NODE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_launcher_rejects_a_bad_config_before_starting_workers():
+    from vishwamai.kubeflow.launch import main
+
+    assert main(["training.max_stepz=3"]) == 2
+    assert main(["training.max_steps=0"]) == 2
+
+
+def test_launcher_keeps_a_workers_non_retryable_exit_code(tmp_path):
+    """Through real torchrun: the worker fails at data loading (exit 2); torchrun alone would exit 1."""
+    out = subprocess.run([sys.executable, "-m", "vishwamai.kubeflow.launch", "data.path=/nonexistent/corpus",
+                          f"hydra.run.dir={tmp_path}", "monitoring.enabled=false"], env=launcher_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "data.path" in out.stderr and "permanent" in out.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_pod_checkpoints_and_exits_retryable(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "run"
+    args = [*tiny_overrides, "training.max_steps=100000", "training.eval_every_n_steps=0",
+            f"hydra.run.dir={run_dir}", "training.log_every_n_steps=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "vishwamai.kubeflow.launch", *args], env=launcher_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().count("\n") >= 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    saved = [p.parent for p in (run_dir / "checkpoints").rglob("model_config.json")]
+    assert saved, output[-3000:]
+
+
+def test_wait_for_master(tmp_path):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert wait_for("127.0.0.1", server.getsockname()[1], timeout_s=5)
+        free_port = server.getsockname()[1]
+    start = time.monotonic()
+    assert not wait_for("127.0.0.1", free_port, timeout_s=0.5, interval_s=0.1)
+    assert not wait_for("master-0.invalid", 23456, timeout_s=0.3, interval_s=0.1)  # DNS not there (yet)
+    assert time.monotonic() - start < 10
