@@ -93,7 +93,7 @@ def trial_job(params: list[Param], image: str, base_overrides: list[str]) -> dic
     container = {
         "name": "training",
         "image": image,
-        "imagePullPolicy": "Always",
+        "imagePullPolicy": "IfNotPresent",  # a `kind load`-ed image needs no registry
         "command": ["python", "-m", "vishwamai.training_v2"],
         "args": args,
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
