@@ -1,8 +1,9 @@
-from kfp.dsl import HTML, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def evaluate(teacher: Input[Model], student: Input[Model], pruned: Input[Model], quantized: Input[Model],
-             metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]):
+             dataset: Input[Dataset], metrics: Output[Metrics], report: Output[Markdown],
+             report_html: Output[HTML]):
     """Compare the four models (loss, perplexity, size, latency): metrics, a report and its plot."""
     import tempfile
 
@@ -10,4 +11,4 @@ def evaluate(teacher: Input[Model], student: Input[Model], pruned: Input[Model],
 
     models = {"teacher": teacher.path, "student": student.path, "pruned": pruned.path, "quantized": quantized.path}
     with tempfile.TemporaryDirectory() as out:
-        stages.evaluate(models, out, metrics, report.path, report_html.path)
+        stages.evaluate(models, dataset.path, out, metrics, report.path, report_html.path)

@@ -83,10 +83,11 @@ def build_pipeline(image: str = DEFAULT_IMAGE, pod: Optional[PodSettings] = None
         dis.set_display_name("distill (student)")
         pru = c["prune"](student=dis.outputs["student"], dataset=pre.outputs["dataset"], overrides=overrides,
                          target_sparsity=target_sparsity, steps=prune_steps)
-        qua = c["quantize"](pruned=pru.outputs["pruned"], mode=quantization_mode,
+        qua = c["quantize"](pruned=pru.outputs["pruned"], dataset=pre.outputs["dataset"], mode=quantization_mode,
                             calibration_steps=calibration_steps)
         ev = c["evaluate"](teacher=pre.outputs["model"], student=dis.outputs["student"],
-                           pruned=pru.outputs["pruned"], quantized=qua.outputs["quantized"])
+                           pruned=pru.outputs["pruned"], quantized=qua.outputs["quantized"],
+                           dataset=pre.outputs["dataset"])
         for task in (pre, dis, pru):
             pod.apply(task, gpu=True)
         for task in (qua, ev):  # int8 kernels and the comparison run on CPU

@@ -49,7 +49,7 @@ def test_pipeline_has_the_five_stages_in_order(compiled):
     assert deps["pretrain"] == set()
     assert deps["distill"] == {"pretrain"}
     assert deps["prune"] == {"pretrain", "distill"}
-    assert deps["quantize"] == {"prune"}
+    assert deps["quantize"] == {"pretrain", "prune"}
     assert deps["evaluate"] == {"pretrain", "distill", "prune", "quantize"}
 
 
@@ -64,6 +64,8 @@ def test_artifacts_flow_between_stages(compiled):
     assert producer(tasks["distill"], "dataset") == ("pretrain", "dataset")
     assert producer(tasks["prune"], "student") == ("distill", "student")
     assert producer(tasks["quantize"], "pruned") == ("prune", "pruned")
+    for stage in ("distill", "prune", "quantize", "evaluate"):  # one tokenised corpus for all
+        assert producer(tasks[stage], "dataset") == ("pretrain", "dataset")
     assert {a: producer(tasks["evaluate"], a) for a in ("teacher", "student", "pruned", "quantized")} == {
         "teacher": ("pretrain", "model"), "student": ("distill", "student"),
         "pruned": ("prune", "pruned"), "quantized": ("quantize", "quantized")}

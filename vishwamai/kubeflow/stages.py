@@ -16,7 +16,6 @@ sparsity), which win: Hydra applies overrides left to right.
 from __future__ import annotations
 
 import base64
-import json
 import math
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,10 +31,15 @@ SUMMARY_METRICS = ("final_val_loss", "best_val_loss", "final_train_loss", "steps
 
 
 def model_dir(path: str) -> str:
-    """The loadable model directory inside a Model artifact (run dir or model dir)."""
+    """The model a Model artifact stands for: a pruning run's RUN_DIR/pruned/ (its end result, not the
+    best checkpoint on the way), else the run's best / latest / final checkpoint, or `path` itself."""
     from vishwamai.checkpoint import find_model_dir
+    from vishwamai.compress.measure import is_quantized_dir
+    from vishwamai.compress.pruning import PRUNED_DIR
 
-    return str(find_model_dir(path))
+    if (Path(path) / PRUNED_DIR / "model_config.json").is_file():
+        return str(Path(path) / PRUNED_DIR)
+    return path if is_quantized_dir(path) else str(find_model_dir(path))
 
 
 def train(overrides: list[str], run_dir: str, dataset_dir: str) -> dict[str, Any]:
@@ -84,30 +88,48 @@ def prune(overrides: list[str], target_sparsity: float, steps: int, student: str
     return summary
 
 
-def quantize(mode: str, calibration_steps: int, pruned: str, quantized_out: str,
+def run_data_config(run_dir: str, dataset_dir: str):
+    """The data settings `run_dir` trained with (seq_len, corpus...), reading the token cache in dataset_dir."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from vishwamai.config import DataConfig
+
+    recorded = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml").data)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{**{k: v for k, v in recorded.items() if k in known}, "cache_dir": dataset_dir})
+
+
+def log_numbers(metrics: MetricsSink, tree: Any) -> None:
+    for name, value in flatten_numbers(tree):
+        metrics.log_metric(name, value)
+
+
+def quantize(mode: str, calibration_steps: int, pruned: str, dataset: str, quantized_out: str,
              metrics: MetricsSink) -> dict[str, Any]:
-    """Post-training int8 quantization of the pruned model (vishwamai.compress.quantize)."""
+    """Post-training int8 quantization of the pruned model, calibrated on the pruned run's data."""
     from vishwamai.compress.quantize import quantize_model_dir
 
-    result = quantize_model_dir(model_dir(pruned), quantized_out, mode, calibration_steps)
-    for key, value in (result or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            metrics.log_metric(key, float(value))
-    return result or {}
+    report = quantize_model_dir(model_dir(pruned), quantized_out, mode, calibration_steps,
+                                run_data_config(pruned, dataset))
+    log_numbers(metrics, report)
+    return report
 
 
-def evaluate(models: dict[str, str], output_dir: str, metrics: MetricsSink, report_md: str,
+def evaluate(models: dict[str, str], dataset: str, output_dir: str, metrics: MetricsSink, report_md: str,
              report_html: str) -> dict[str, Any]:
-    """Compare the stages' models (loss, perplexity, size, latency); KFP metrics + Markdown/HTML report."""
+    """Compare the stages' models on the same validation windows (loss, perplexity, size, latency).
+
+    KFP metrics `<model>_<figure>`, the Markdown table and an HTML page with the plot.  The data
+    settings are the first model's (the teacher's) run, so every model sees the windows it trained on.
+    """
     from vishwamai.evaluate import evaluate_models
-    from vishwamai.report import write_report
 
     out = Path(output_dir)
-    evaluate_models(models, out)
-    write_report(out)
-    results = json.loads((out / "evaluation.json").read_text())
-    for name, value in flatten_numbers(results):
-        metrics.log_metric(name, value)
+    data_cfg = run_data_config(next(iter(models.values())), dataset)
+    results = evaluate_models({name: model_dir(path) for name, path in models.items()}, out, data_cfg)
+    log_numbers(metrics, results["models"])
     markdown = (out / "evaluation.md").read_text()
     Path(report_md).write_text(markdown)
     Path(report_html).write_text(html_report(markdown, out / "evaluation.png"))
