@@ -172,6 +172,10 @@ class MonitoringConfig:
     profile: bool = False
     profile_start: int = 5
     profile_steps: int = 3
+    # Peak FLOP/s of one device for MFU; null = from a table of known GPUs (CPU: MFU not reported).
+    peak_flops_per_s: Optional[float] = None
+    # Write RUN_DIR/report.png and report.md at the end of the run (vishwamai/report.py).
+    report: bool = True
 
 
 # ------------------------------------------------------------------ dynamic batch
@@ -434,6 +438,7 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
                    f"{b.lr_scaling!r} has no effect with constant_global_batch=true (the batch does not change)")
 
     _validate_distributed(cfg)
+    _validate_monitoring(cfg)
 
     ds = cfg.distillation
     _check(ds.teacher_model.temperature > 0, "distillation.teacher_model.temperature", "must be > 0")
@@ -465,6 +470,20 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(tu.n_jobs >= 1, "tuning.n_jobs", f"must be >= 1, got {tu.n_jobs}")
     _check(tu.heartbeat_s >= 0, "tuning.heartbeat_s", "must be >= 0 (0 = off)")
     _check(tu.timeout_s is None or tu.timeout_s > 0, "tuning.timeout_s", "must be > 0 or null")
+
+
+def _validate_monitoring(cfg: DictConfig | VishwamaiConfig) -> None:
+    mo = cfg.monitoring
+    _check(mo.histogram_every_n_steps >= 0, "monitoring.histogram_every_n_steps", "must be >= 0 (0 = never)")
+    if mo.histogram_every_n_steps:
+        _check(mo.enabled and mo.tensorboard.enabled, "monitoring.histogram_every_n_steps",
+               "histograms are written to TensorBoard: needs monitoring.enabled=true and "
+               "monitoring.tensorboard.enabled=true")
+    _check(mo.profile_start >= 0, "monitoring.profile_start", "must be >= 0")
+    _check(mo.profile_steps > 0, "monitoring.profile_steps", "must be > 0")
+    _check(not mo.profile or mo.enabled, "monitoring.profile", "needs monitoring.enabled=true")
+    _check(mo.peak_flops_per_s is None or mo.peak_flops_per_s > 0, "monitoring.peak_flops_per_s",
+           "must be > 0 or null")
 
 
 def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:

@@ -168,6 +168,9 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         **trainer.summary,
     }
     if parallel.is_main:
+        from vishwamai.monitoring import finish_monitoring
+
+        summary.update(finish_monitoring(cfg, run_dir, summary))  # report.png/.md, summary into MLflow
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     parallel.shutdown()
     return summary

@@ -1,15 +1,20 @@
-"""Metrics: one logger interface (metrics.jsonl always; TensorBoard / MLflow / W&B backends)."""
+"""Metrics: one logger interface (metrics.jsonl always; TensorBoard / MLflow / W&B backends),
+throughput/memory/gradient figures, histograms, profiling and the end-of-run report.
+
+Backends are imported only inside their sinks, on rank 0, when enabled.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.errors import NotImplementedYet
-from vishwamai.monitoring.logger import JsonlSink, MetricsLogger, MetricSink
+from vishwamai.monitoring.logger import BackgroundSink, JsonlSink, MetricsLogger, MetricSink, SinkBase
 from vishwamai.monitoring.progress import ProgressBar
 
-__all__ = ["JsonlSink", "MetricSink", "MetricsLogger", "ProgressBar", "build_monitoring"]
+__all__ = ["BackgroundSink", "JsonlSink", "MetricSink", "MetricsLogger", "ProgressBar", "SinkBase",
+           "build_monitoring", "build_sinks", "finish_monitoring"]
 
 
 def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
@@ -17,15 +22,57 @@ def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
     mon = cfg.monitoring
     if not mon.enabled:
         return sinks
-    for key, enabled in (("tensorboard", mon.tensorboard.enabled), ("mlflow", mon.mlflow.enabled),
-                         ("wandb", mon.wandb.enabled)):
-        if enabled:
-            raise NotImplementedYet(f"monitoring.{key}.enabled=true", f"set monitoring.{key}.enabled=false")
+    if mon.wandb.enabled:  # first: a missing package fails before anything starts
+        from vishwamai.monitoring.wandb_sink import WandbSink
+
+        sinks.append(WandbSink(cfg, run_dir))
+    if mon.tensorboard.enabled:
+        from vishwamai.monitoring.tensorboard import TensorBoardSink
+
+        sinks.append(BackgroundSink(TensorBoardSink(run_dir / "tensorboard")))
+    if mon.mlflow.enabled:
+        from vishwamai.monitoring.mlflow_sink import MlflowSink
+
+        sinks.append(BackgroundSink(MlflowSink(cfg, run_dir)))
     return sinks
 
 
 def build_monitoring(cfg: VishwamaiConfig, run_dir: Path) -> list:
-    callbacks = [MetricsLogger(build_sinks(cfg, run_dir), cfg.training.log_every_n_steps)]
+    from vishwamai.monitoring.stats import GradGroupNorms, Histograms, Memory, Throughput
+
+    mon, every = cfg.monitoring, cfg.training.log_every_n_steps
+    figures = [Throughput(mon.peak_flops_per_s), Memory()] if mon.enabled else []
+    logger = MetricsLogger(build_sinks(cfg, run_dir), every, figures)
+    callbacks: list = []
+    if mon.enabled:
+        callbacks.append(GradGroupNorms(every))
+        if mon.histogram_every_n_steps:
+            callbacks.append(Histograms(logger, mon.histogram_every_n_steps))
+        if mon.profile:
+            from vishwamai.monitoring.profiler import Profiler
+
+            callbacks.append(Profiler(run_dir / "tensorboard" / "profiler", mon.profile_start, mon.profile_steps))
+    callbacks.append(logger)
     if cfg.training.progress_bar:
         callbacks.append(ProgressBar())
     return callbacks
+
+
+def finish_monitoring(cfg: VishwamaiConfig, run_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """After training, on rank 0: the report, then summary + report into the MLflow run.
+    Returns the summary entries to add ("report")."""
+    if not cfg.monitoring.enabled:
+        return {}
+    added: dict[str, Any] = {}
+    files: list[Path] = []
+    if cfg.monitoring.report:
+        from vishwamai.report import write_report
+
+        paths = write_report(run_dir, summary)
+        files = list(paths.values())
+        added["report"] = str(paths["markdown"])
+    if summary.get("mlflow_run_id"):
+        from vishwamai.monitoring.mlflow_sink import log_run_outputs
+
+        log_run_outputs(summary["mlflow_tracking_uri"], summary["mlflow_run_id"], {**summary, **added}, files)
+    return added

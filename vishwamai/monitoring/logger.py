@@ -2,25 +2,57 @@
 
 `MetricsLogger` is the callback: every `training.log_every_n_steps` steps (and on
 every evaluation step) it writes one record to every sink.  Throughput in a record
-is averaged over the steps since the previous record.  Only rank 0 logs.
+is averaged over the steps since the previous record.  Only rank 0 logs: sinks are
+started in on_train_start on rank 0 only, so other ranks never import a backend.
+
+Slow backends (MLflow: seconds to create its store, tens of ms per write) run in a
+`BackgroundSink`: the training thread only puts records on a queue.
 """
 
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import numpy as np
 
 from vishwamai.train.events import Callback
 
+# Keys the trainer sets on every step; anything else seen on an unlogged step (e.g. a
+# checkpoint's checkpoint_save_s) is carried to the next record so it is not lost.
+STEP_KEYS = frozenset({"step", "loss", "lr", "grad_norm", "batch_size", "micro_batch_size", "tokens",
+                       "step_time_s", "tokens_per_s"})
+
 
 class MetricSink(Protocol):
+    def start(self, trainer) -> None: ...
+
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+    def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None: ...
+
+    def summary(self) -> dict[str, Any]: ...
 
 
-class JsonlSink:
+class SinkBase:
+    """No-op defaults for the optional parts of MetricSink."""
+
+    def start(self, trainer) -> None: ...
+
+    def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None: ...
+
+    def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None: ...
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+class JsonlSink(SinkBase):
     """RUN_DIR/metrics.jsonl: one JSON object per logged step (the run-directory contract)."""
 
     def __init__(self, path: str | Path):
@@ -31,32 +63,112 @@ class JsonlSink:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def close(self) -> None:
+    def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None:
         self._fh.close()
 
 
+class BackgroundSink(SinkBase):
+    """Runs another sink's start/log/close on a worker thread, in order.
+
+    An error in the worker stops that sink and is raised in the training thread at the
+    next call (a broken backend fails the run loudly instead of logging nothing).
+    """
+
+    def __init__(self, inner: MetricSink):
+        self.inner = inner
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def start(self, trainer) -> None:
+        self._thread = threading.Thread(target=self._work, args=(trainer,), daemon=True,
+                                        name=f"vishwamai-{type(self.inner).__name__}")
+        self._thread.start()
+
+    def _work(self, trainer) -> None:
+        try:
+            self.inner.start(trainer)
+            while (item := self._queue.get()) is not None:
+                method, args = item
+                getattr(self.inner, method)(*args)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the training thread
+            self._error = error
+
+    def _put(self, method: str, *args) -> None:
+        self._raise_error()
+        self._queue.put((method, args))
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"monitoring backend {type(self.inner).__name__} failed: {error}") from error
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._put("log", step, metrics)
+
+    def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None:
+        self._put("log_histograms", step, arrays)
+
+    def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(("close", (summary, failed)))
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+        if not failed:  # while failing, the original error matters more
+            self._raise_error()
+
+    def summary(self) -> dict[str, Any]:
+        return self.inner.summary()
+
+
+def is_log_step(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+# A figure source: (trainer, record so far) -> more figures for the record (perplexity, MFU, memory).
+Figures = Callable[[Any, dict[str, Any]], dict[str, Any]]
+
+
 class MetricsLogger(Callback):
-    def __init__(self, sinks: list[MetricSink], every_n_steps: int):
+    def __init__(self, sinks: list[MetricSink], every_n_steps: int, figures: Sequence[Figures] = ()):
         self.sinks = sinks
         self.every = every_n_steps
-        self._tokens = 0
-        self._seconds = 0.0
-        self._steps = 0
+        self.figures = list(figures)
+        self._started = False
+        self._reset_window()
+        self._carried: dict[str, Any] = {}
+
+    def _reset_window(self) -> None:
+        self._tokens, self._samples, self._seconds, self._steps = 0, 0, 0.0, 0
+
+    def on_train_start(self, trainer) -> None:
+        if trainer.is_main:
+            for sink in self.sinks:
+                sink.start(trainer)
+            self._started = True
 
     def on_step_end(self, trainer) -> None:
         m = trainer.metrics
         self._tokens += m.get("tokens", 0)
+        self._samples += m.get("batch_size", 0)
         self._seconds += m.get("step_time_s", 0.0)
         self._steps += 1
         step = trainer.state.step
-        if step % self.every and "val_loss" not in m and step != trainer.cfg.training.max_steps:
+        if not is_log_step(step, self.every, trainer.cfg.training.max_steps) and "val_loss" not in m:
+            self._carried.update((k, v) for k, v in m.items() if k not in STEP_KEYS)
             return
-        record = dict(m)
+        record = {**self._carried, **m}
         if self._seconds > 0:
             record["tokens_per_s"] = self._tokens / self._seconds
+            record["samples_per_s"] = self._samples / self._seconds
             record["step_time_s"] = self._seconds / self._steps
-        self._tokens, self._seconds, self._steps = 0, 0.0, 0
+        self._reset_window()
+        self._carried = {}
         if trainer.is_main:
+            for figures in self.figures:
+                record.update(figures(trainer, record))
             self.log(step, record)
 
     def log(self, step: int, record: dict[str, Any]) -> None:
@@ -64,6 +176,23 @@ class MetricsLogger(Callback):
         for sink in self.sinks:
             sink.log(step, record)
 
-    def on_train_end(self, trainer) -> None:
+    def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.log_histograms(step, arrays)
+
+    def _close(self, trainer, failed: bool) -> None:
+        if not self._started:
+            for sink in self.sinks:
+                if isinstance(sink, JsonlSink):
+                    sink.close()
+            return
+        self._started = False
+        for sink in self.sinks:
+            sink.close(trainer.summary, failed)
+            trainer.summary.update(sink.summary())
+
+    def on_train_end(self, trainer) -> None:
+        self._close(trainer, failed=False)
+
+    def on_exception(self, trainer, *, error: BaseException) -> None:
+        self._close(trainer, failed=True)

@@ -1,0 +1,119 @@
+"""MLflow: params = the flattened resolved config, metrics per logged step, the config and
+(at the end) the summary and report as artifacts, checkpoint paths as tags.
+
+Default store: sqlite:///RUN_DIR/mlflow.db (a real database; MLflow 3's file store is in
+maintenance mode).  Creating that store takes seconds, so the sink runs in a
+BackgroundSink: training starts while MLflow sets up.  When an MLflow run is already
+active in this process (a tuning study), the run is nested under it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from vishwamai.monitoring.tensorboard import scalars
+from vishwamai.monitoring.logger import SinkBase
+
+PARENT_TAG = "mlflow.parentRunId"
+MAX_PARAM_LENGTH = 6000  # MLflow >= 2.12
+BATCH_PARAMS = 100  # log_batch accepts at most 100 params per call
+CHECKPOINT_KEYS = ("final_checkpoint", "best_checkpoint", "latest_checkpoint")
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}: MLflow params are flat strings."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: str(tree)[:MAX_PARAM_LENGTH]}
+
+
+def active_parent_run() -> Optional[Any]:
+    """The caller's active MLflow run (e.g. a tuning study's), without importing mlflow."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow.active_run() if mlflow is not None else None
+
+
+class MlflowSink(SinkBase):
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        mon = cfg.monitoring.mlflow
+        self.run_dir = Path(run_dir)
+        self.uri = mon.tracking_uri or default_tracking_uri(self.run_dir)
+        self.experiment = mon.experiment
+        self.params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        parent = active_parent_run()  # read here: MLflow's active run is per thread
+        self.parent = (parent.info.run_id, parent.info.experiment_id) if parent else None
+        self.client = None
+        self.run_id: Optional[str] = None
+
+    # Runs on the BackgroundSink's thread.
+    def start(self, trainer) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        self.client = client = MlflowClient(tracking_uri=self.uri)
+        tags = {"vishwamai.run_dir": str(self.run_dir.resolve())}
+        if self.parent:
+            tags[PARENT_TAG], experiment_id = self.parent  # nested: in the parent's experiment
+        else:
+            experiment_id = self._experiment_id()
+        run = client.create_run(experiment_id, run_name=self.run_dir.name, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, v) for k, v in self.params.items()]
+        for i in range(0, len(params), BATCH_PARAMS):
+            client.log_batch(self.run_id, params=params[i:i + BATCH_PARAMS])
+        config = self.run_dir / "config.yaml"
+        if config.is_file():
+            client.log_artifact(self.run_id, str(config))
+        client.set_tag(self.run_id, "vishwamai.world_size", str(trainer.parallel.world_size))
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        # A local store keeps its artifacts beside it (not in ./mlruns of whatever the cwd is).
+        location = (self.run_dir / "mlartifacts").resolve().as_uri() if self.uri.startswith("sqlite:") else None
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in scalars(metrics).items() if math.isfinite(v)]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None:
+        if self.run_id is None:
+            return
+        for key in CHECKPOINT_KEYS:
+            if summary and summary.get(key):
+                self.client.set_tag(self.run_id, f"vishwamai.{key}", str(summary[key]))
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+    def summary(self) -> dict[str, Any]:
+        if self.run_id is None:
+            return {}
+        return {"mlflow_run": f"run {self.run_id} in {self.uri} (UI: mlflow ui --backend-store-uri {self.uri})",
+                "mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.uri}
+
+
+def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], files: list[Path]) -> None:
+    """After the run: summary.json and the report into the (finished) MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_dict(run_id, summary, "summary.json")
+    for path in files:
+        client.log_artifact(run_id, str(path))
