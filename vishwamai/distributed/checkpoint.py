@@ -49,10 +49,19 @@ def _state_to_save(trainer, include_optimizer: bool) -> dict[str, Any]:
             # This rank's partition only. Its moments must exist to serve as a load
             # template: torch's helper creates them with an lr=0 step (weights unchanged).
             _init_optim_state(optimizer.optim)
+            _copy_hyperparameters(optimizer.param_groups, optimizer.optim.param_groups)
             state[_zero_key(trainer)] = optimizer.optim.state_dict()
         else:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer)
     return state
+
+
+def _copy_hyperparameters(source: list[dict], target: list[dict]) -> None:
+    """lr, betas... group by group. ZeRO copies its own groups (where the scheduler sets
+    lr) onto the local optimizer only when it steps, so the local copy lags a step:
+    it is refreshed before saving, and the saved values go back to ZeRO's groups on load."""
+    for src, dst in zip(source, target):
+        dst.update({k: v for k, v in src.items() if k != "params"})
 
 
 def save_sharded(directory: str | Path, trainer, include_optimizer: bool = True) -> None:
@@ -90,6 +99,7 @@ def load_sharded(directory: str | Path, trainer) -> None:
         return
     if isinstance(optimizer, ZeroRedundancyOptimizer):
         optimizer.optim.load_state_dict(state[_zero_key(trainer)])
+        _copy_hyperparameters(optimizer.optim.param_groups, optimizer.param_groups)
     else:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 

@@ -10,6 +10,7 @@ ZeRO stage 1 (distributed.zero_optimizer: each rank keeps 1/world of the optimiz
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -46,8 +47,12 @@ class DataParallel(ProcessGroupParallelism):
             return optimizer
         # The same optimizer class, groups and hyper-parameters; each rank keeps the
         # state of (and updates) only its share of the parameters, then broadcasts them.
-        groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
-        return ZeroRedundancyOptimizer(groups, optimizer_class=type(optimizer), **optimizer.defaults)
+        cls = type(optimizer)
+        accepted = inspect.signature(cls.__init__).parameters
+        # `defaults` may hold derived entries the constructor does not take.
+        kwargs = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        groups = [dict(g) for g in optimizer.param_groups]
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs)
 
     def accumulation_context(self, model: torch.nn.Module, is_last_micro_batch: bool):
         # Gradients of earlier micro-batches accumulate locally; only the last
