@@ -277,3 +277,29 @@ def test_wait_for_master(tmp_path):
     assert not wait_for("127.0.0.1", free_port, timeout_s=0.5, interval_s=0.1)
     assert not wait_for("master-0.invalid", 23456, timeout_s=0.3, interval_s=0.1)  # DNS not there (yet)
     assert time.monotonic() - start < 10
+
+
+def test_run_compiles_and_submits_with_params_and_token_file(tmp_path, monkeypatch):
+    """kfp.Client replaced by a recorder (no Kubeflow API server here): flags, env and token file reach it."""
+    import kfp
+
+    calls = {}
+
+    class RecordingClient:
+        def __init__(self, **kwargs):
+            calls["client"] = kwargs
+
+        def create_run_from_pipeline_package(self, path, **kwargs):
+            calls["run"] = (path, kwargs)
+            return type("R", (), {"run_id": "run-1"})()
+
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    monkeypatch.setattr(kfp, "Client", RecordingClient)
+    monkeypatch.setenv("KFP_HOST", "https://kfp.example.com")
+    monkeypatch.setenv("KFP_TOKEN_FILE", str(token))
+    cli_main(["run", "--namespace", "team", "--param", "pretrain_steps=5", "--param", "overrides=[\"a=1\"]"])
+    assert calls["client"] == {"host": "https://kfp.example.com", "namespace": "team", "existing_token": "secret-token"}
+    path, kwargs = calls["run"]
+    assert set(load_compiled(Path(path))[0]["root"]["dag"]["tasks"]) == set(STAGE_ORDER)
+    assert kwargs["arguments"] == {"pretrain_steps": 5, "overrides": ["a=1"]} and kwargs["enable_caching"] is True
