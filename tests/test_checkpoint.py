@@ -61,6 +61,14 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as sock:  # other test files may run process groups on the default port
+        sock.bind(("127.0.0.1", 0))
+        return f"distributed.master_port={sock.getsockname()[1]}"
+
+
 def _weights_finite(directory: Path) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in load_model(directory).parameters())
 
@@ -113,7 +121,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_for_a_retry(tmp_path, ti
     stopped_at = summary["steps"]
     assert summary["preempted"] is True and 3 <= stopped_at < 5000
     assert _latest(run_dir) == f"step-{stopped_at}"
-    assert json.loads((run_dir / "checkpoints" / f"step-{stopped_at}" / MANIFEST_FILE).read_text())["step"] == stopped_at
+    assert verify(run_dir / "checkpoints" / f"step-{stopped_at}")["step"] == stopped_at
     assert not (run_dir / "checkpoints" / "final").exists(), "a preempted run is not a finished model"
 
     cfg = compose_config(overrides + ["training.resume=auto", f"training.max_steps={stopped_at + 3}"],
@@ -305,3 +313,20 @@ def test_disk_full_during_a_save_names_the_dir_and_keeps_the_previous_checkpoint
     assert _latest(run_dir) == "step-2" and not list((run_dir / "checkpoints").glob(".tmp-*"))
     verify(run_dir / "checkpoints" / "step-2")
     assert sha256_of(run_dir / "checkpoints" / "step-2" / "trainer_state.pt") == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["data_parallel", "model_parallel"])
+def test_two_process_resume_is_bitwise_identical(tmp_path, tiny_overrides, strategy):
+    """Real gloo process groups: DDP (rank 0 writes) and FSDP (every rank writes its shard)."""
+    overrides = tiny_overrides + CKPT + ["training.max_steps=8", "checkpointing.every_n_steps=2",
+                                         f"distributed.strategy={strategy}", "distributed.nproc_per_node=2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert _cli(overrides + [_free_port()], full).wait(timeout=240) == 0, (tmp_path / "full.log").read_text()[-3000:]
+    step4 = full / "checkpoints" / "step-4"
+    assert _cli(overrides + [_free_port(), f"training.resume={step4}"], resumed).wait(timeout=240) == 0, \
+        (tmp_path / "resumed.log").read_text()[-3000:]
+    after = _losses(resumed)
+    assert sorted(after) == [5, 6, 7, 8]
+    assert after == {s: loss for s, loss in _losses(full).items() if s > 4}
+    assert _weights_finite(full / "checkpoints" / "final")  # FSDP: gathered to one file

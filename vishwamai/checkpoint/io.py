@@ -21,10 +21,15 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied weights stored once (safetensors refuses shared storage)."""
+def model_state_for_saving(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
+    """State dict with tied weights stored once (safetensors refuses shared storage).
+
+    `full_state`: the whole model's weights when `model` holds only a shard (FSDP), gathered
+    beforehand by Parallelism.full_state_dict.
+    """
     state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if full_state is None else full_state).items():
         key = tensor.data_ptr()
         if key in seen:
             continue
@@ -42,11 +47,12 @@ def as_model_config(cfg) -> ModelConfig:
     return ModelConfig(**OmegaConf.to_container(cfg, resolve=True))
 
 
-def save_model(directory: str | Path, model: torch.nn.Module, model_cfg) -> Path:
+def save_model(directory: str | Path, model: torch.nn.Module, model_cfg,
+               full_state: dict[str, torch.Tensor] | None = None) -> Path:
     directory = Path(directory)
     model_cfg = as_model_config(model_cfg)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(model_state_for_saving(model), str(directory / WEIGHTS_FILE))
+    save_file(model_state_for_saving(model, full_state), str(directory / WEIGHTS_FILE))
     (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
     return directory
 

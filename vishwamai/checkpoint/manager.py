@@ -20,7 +20,7 @@ from vishwamai.checkpoint.atomic import TMP_PREFIX, clean_stale, fsync_path, pub
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, latest_dir, step_dirs, step_name
 from vishwamai.checkpoint.manifest import write_manifest
-from vishwamai.checkpoint.state import uses_sharded_checkpoints, write_checkpoint
+from vishwamai.checkpoint.state import assert_finite_weights, uses_sharded_checkpoints, write_checkpoint
 from vishwamai.errors import CheckpointError, VishwamaiError
 from vishwamai.train.events import Callback
 
@@ -161,18 +161,21 @@ class CheckpointManager(Callback):
 
     def save_final(self, trainer) -> None:
         """RUN_DIR/checkpoints/final: the trained model only (what inference and distillation load)."""
-        if not trainer.is_main:
-            return
         final, step = self.root / FINAL, trainer.state.step
         model_files = [WEIGHTS_FILE, MODEL_CONFIG_FILE]
         saved = self.root / step_name(step) if self._saved_step == step else None
+        shared = saved is not None and all((saved / name).is_file() for name in model_files)
+        # Sharded (FSDP) weights are gathered to rank 0 first: a collective, so every rank calls it.
+        full_state = trainer.parallel.full_state_dict(trainer.raw_model) if trainer.parallel.sharded else None
+        if not trainer.is_main:
+            return
 
         def write(tmp: Path) -> None:
-            if saved is not None and all((saved / name).is_file() for name in model_files):
+            if shared:
                 for name in model_files:  # the same weights were just saved: share their bytes
                     _link_or_copy(saved / name, tmp / name)
             else:
-                save_model(tmp, trainer.raw_model, trainer.cfg.model)
+                save_model(tmp, trainer.raw_model, trainer.cfg.model, full_state)
             write_manifest(tmp, step, model_files)
             publish_dir(tmp, final)
 
@@ -181,6 +184,7 @@ class CheckpointManager(Callback):
 
     def _write(self, final: Path, trainer, include_optimizer: bool) -> None:
         """Write a full checkpoint into a temporary dir, then publish it atomically as `final`."""
+        assert_finite_weights(trainer, final)
         sharded = uses_sharded_checkpoints(trainer)
         p = trainer.parallel
         if not (sharded or trainer.is_main):

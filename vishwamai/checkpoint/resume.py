@@ -45,8 +45,9 @@ def resume(trainer, spec: str, run_dir: str | Path) -> Path | None:
     run_dir = Path(run_dir)
     candidates, may_fall_back = candidates_for(spec, run_dir)
     if not candidates:
-        log.info("training.resume=%s: no checkpoint in %s yet, starting from step 0", spec,
-                 checkpoints_root(run_dir))
+        if trainer.is_main:
+            log.info("training.resume=%s: no checkpoint in %s yet, starting from step 0", spec,
+                     checkpoints_root(run_dir))
         trainer.summary["resumed_from"] = None
         return None
     problems = []
@@ -61,8 +62,8 @@ def resume(trainer, spec: str, run_dir: str | Path) -> Path | None:
             problems.append(str(e))
             continue
         step = state["step"]
-        log.info("resumed from %s at step %d", directory, step)
         if trainer.is_main:
+            log.info("resumed from %s at step %d", directory, step)
             truncate_metrics(run_dir / METRICS_FILE, step)
         trainer.summary["resumed_from"] = str(directory)
         return directory

@@ -68,8 +68,13 @@ def uses_sharded_checkpoints(trainer) -> bool:
 
 
 def assert_finite_weights(trainer, directory: Path) -> None:
-    """A NaN/inf must never be written into a checkpoint (it would poison every resume)."""
-    bad = [name for name, p in trainer.raw_model.named_parameters() if not bool(torch.isfinite(p).all())]
+    """A NaN/inf must never be written into a checkpoint (it would poison every resume).
+
+    Collective: every rank calls it.
+    """
+    # Sharded (DTensor) parameters: each rank checks its own shard, then the ranks agree.
+    local = {name: p.to_local() if hasattr(p, "to_local") else p for name, p in trainer.raw_model.named_parameters()}
+    bad = [name for name, p in local.items() if not bool(torch.isfinite(p).all())]
     # Agreed by all ranks only when all write (sharded); otherwise the main rank is alone here.
     if (trainer.parallel.any(bool(bad)) if uses_sharded_checkpoints(trainer) else bad):
         raise CheckpointError(f"refusing to write {directory}: non-finite weights in {bad[:5] or 'another rank'}")
@@ -78,9 +83,9 @@ def assert_finite_weights(trainer, directory: Path) -> None:
 def write_checkpoint(directory: Path, trainer, include_optimizer: bool) -> list[str]:
     """Write the checkpoint files into `directory` (a temporary dir); returns the required files.
 
-    Sharded: every rank calls this; otherwise only the main rank does.
+    Sharded: every rank calls this; otherwise only the main rank does.  Call
+    assert_finite_weights (a collective) on every rank first.
     """
-    assert_finite_weights(trainer, directory)
     sharded = uses_sharded_checkpoints(trainer)
     if sharded:
         from vishwamai.distributed.checkpoint import save_sharded
