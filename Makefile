@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= all
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean pipeline kind-demo
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,13 @@ test-slow: install
 
 bench: install
 	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+# Kubeflow: the compiled pipeline, and the PyTorchJob on a local kind cluster (needs Docker, kind, kubectl).
+pipeline: install
+	$(VENV)/bin/vishwamai-pipeline compile --output outputs/vishwamai-pipeline.yaml
+
+kind-demo:
+	scripts/kind-demo.sh
 
 clean:
 	rm -rf outputs .pytest_cache

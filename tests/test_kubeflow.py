@@ -303,3 +303,16 @@ def test_run_compiles_and_submits_with_params_and_token_file(tmp_path, monkeypat
     path, kwargs = calls["run"]
     assert set(load_compiled(Path(path))[0]["root"]["dag"]["tasks"]) == set(STAGE_ORDER)
     assert kwargs["arguments"] == {"pretrain_steps": 5, "overrides": ["a=1"]} and kwargs["enable_caching"] is True
+
+
+def test_probing_the_masters_store_does_not_disturb_it():
+    """The init container's TCP probe hits the master's rendezvous store; the store must keep working."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=20), wait_for_workers=False)
+    assert wait_for("127.0.0.1", store.port, timeout_s=5) and wait_for("127.0.0.1", store.port, timeout_s=5)
+    peer = dist.TCPStore("127.0.0.1", store.port, 2, False, timeout=datetime.timedelta(seconds=20))
+    peer.set("rank1", "ready")
+    assert store.get("rank1") == b"ready"
