@@ -23,7 +23,7 @@ import torch
 from vishwamai.checkpoint import find_model_dir, load_model
 from vishwamai.checkpoint.manager import SAVE_DELAY_ENV
 from vishwamai.checkpoint.manifest import MANIFEST_FILE, sha256_of, verify
-from vishwamai.errors import CheckpointError
+from vishwamai.errors import CheckpointError, ConfigError
 from vishwamai.train.events import Callback
 from vishwamai.train.loop import NonFiniteLossError
 from vishwamai.training_v2 import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, compose_config, run
@@ -286,6 +286,13 @@ def test_unwritable_checkpoint_dir_fails_before_training(tmp_path, tiny_override
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+def test_a_missing_resume_path_is_a_config_error_before_training(tmp_path, tiny_overrides):
+    with pytest.raises(ConfigError, match="training.resume"):
+        run(compose_config(tiny_overrides + CKPT + [f"training.resume={tmp_path / 'nope'}"],
+                           run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, tiny_overrides, caplog):
     caplog.set_level(logging.INFO, logger="vishwamai.checkpoint")
     summary = run(compose_config(tiny_overrides + CKPT + ["training.max_steps=2", "training.resume=auto"],
@@ -330,3 +337,34 @@ def test_two_process_resume_is_bitwise_identical(tmp_path, tiny_overrides, strat
     assert sorted(after) == [5, 6, 7, 8]
     assert after == {s: loss for s, loss in _losses(full).items() if s > 4}
     assert _weights_finite(full / "checkpoints" / "final")  # FSDP: gathered to one file
+
+
+# ------------------------------------------------------------ file primitives
+def test_publish_replaces_a_directory_and_an_interrupted_replace_is_recovered(tmp_path):
+    from vishwamai.checkpoint.atomic import clean_stale, publish_dir, read_pointer, temporary_dir, write_pointer
+
+    best = tmp_path / "best"
+    for version in ("one", "two"):
+        tmp = temporary_dir(best)
+        (tmp / "f").write_text(version)
+        publish_dir(tmp, best)
+        assert (best / "f").read_text() == version and not list(tmp_path.glob(".*"))
+    # Killed between "rename best aside" and "rename the new one in": the old one comes back.
+    os.rename(best, tmp_path / ".old-best")
+    (tmp_path / ".tmp-best").mkdir()
+    (tmp_path / ".tmp-best" / "f").write_text("half")
+    clean_stale(tmp_path)
+    assert (best / "f").read_text() == "two" and sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    write_pointer(tmp_path / "latest", "step-7")
+    assert read_pointer(tmp_path / "latest") == "step-7"
+    (tmp_path / "latest").write_text("../../etc")  # a pointer never leaves the checkpoints dir
+    assert read_pointer(tmp_path / "latest") is None
+
+
+def test_metrics_after_the_resumed_step_and_half_lines_are_dropped(tmp_path):
+    from vishwamai.checkpoint.resume import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    truncate_metrics(path, 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]

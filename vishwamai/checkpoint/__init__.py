@@ -15,7 +15,7 @@ from vishwamai.checkpoint.io import load_model, read_model_config, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, checkpoints_root, latest_dir
 from vishwamai.checkpoint.manager import CheckpointManager, prepare_checkpoint_dir
 from vishwamai.checkpoint.resume import resume
-from vishwamai.errors import CheckpointError
+from vishwamai.errors import CheckpointError, ConfigError
 
 __all__ = ["CheckpointManager", "build_checkpointing", "find_model_dir", "load_model", "read_model_config",
            "resume", "save_model"]
@@ -27,6 +27,10 @@ def build_checkpointing(cfg, run_dir: str | Path) -> list:
     checkpointing.save_zero_redundancy needs nothing here: with one process a full checkpoint
     has no redundancy; with several, the manager writes through distributed/checkpoint.py.
     """
+    spec = cfg.training.resume
+    if spec and spec != "auto" and not Path(spec).expanduser().exists():
+        raise ConfigError("training.resume", f"{spec}: no such checkpoint or run directory "
+                                             "(expected null, auto, or a path)")
     if int(os.environ.get("RANK", "0")) == 0:  # torchrun's rank; the main rank owns the directory
         prepare_checkpoint_dir(checkpoints_root(run_dir))
     return [CheckpointManager(cfg, run_dir)]

@@ -109,8 +109,9 @@ class CheckpointManager(Callback):
         if stop:
             self.preempted = trainer.should_stop = True
             trainer.summary["preempted"] = True
-            log.warning("SIGTERM received: saved %s at step %d and stopping; resume with training.resume=auto",
-                        self.root / step_name(step), step)
+            if trainer.is_main:
+                    log.warning("SIGTERM received: saved %s at step %d and stopping; rerun with training.resume=auto",
+                            self.root / step_name(step), step)
 
     def on_train_end(self, trainer) -> None:
         try:
@@ -150,9 +151,8 @@ class CheckpointManager(Callback):
         best = self.root / BEST
         if self._saved_step == trainer.state.step:
             if trainer.is_main:  # the same state was just saved: share its files
-                tmp = temporary_dir(best)
-                link_tree(self.root / step_name(self._saved_step), tmp)
-                publish_dir(tmp, best)
+                saved = self.root / step_name(self._saved_step)
+                self._guarded(best, lambda tmp: (link_tree(saved, tmp), publish_dir(tmp, best)))
         else:
             self._write(best, trainer, self.include_optimizer)
         self._best_pending = False
@@ -162,6 +162,7 @@ class CheckpointManager(Callback):
     def save_final(self, trainer) -> None:
         """RUN_DIR/checkpoints/final: the trained model only (what inference and distillation load)."""
         final, step = self.root / FINAL, trainer.state.step
+        assert_finite_weights(trainer, final)
         model_files = [WEIGHTS_FILE, MODEL_CONFIG_FILE]
         saved = self.root / step_name(step) if self._saved_step == step else None
         shared = saved is not None and all((saved / name).is_file() for name in model_files)
