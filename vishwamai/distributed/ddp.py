@@ -18,13 +18,18 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.distributed.group import ProcessGroupParallelism
+from vishwamai.distributed.group import ProcessGroupParallelism, choose_backend
+from vishwamai.errors import ConfigError
 
 
 class DataParallel(ProcessGroupParallelism):
     def __init__(self, cfg: VishwamaiConfig):
-        super().__init__(cfg)
         d = cfg.distributed
+        if d.bf16_grad_compression and choose_backend(cfg) != "nccl":
+            # torch's bf16 hook runs on NCCL only (Gloo has no bf16 all-reduce path for it).
+            raise ConfigError("distributed.bf16_grad_compression", "needs the nccl backend (GPUs); "
+                                                                   "set it false for a CPU/gloo run")
+        super().__init__(cfg)
         self.bucket_cap_mb = d.bucket_cap_mb
         self.bf16_grad_compression = d.bf16_grad_compression
         self.shards_optimizer = d.zero_optimizer

@@ -1,0 +1,268 @@
+"""Distributed training with real processes: torchrun + Gloo on CPU, 2 (or 4) ranks.
+
+The default run keeps one end-to-end check (DDP equals one process with the same
+global batch) and the fast in-process checks; the other multi-process jobs are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vishwamai.config import validate
+from vishwamai.distributed import build_parallelism
+from vishwamai.distributed.fsdp import shard_group_size
+from vishwamai.distributed.launch import layout, needs_launch, worker_overrides
+from vishwamai.errors import ConfigError
+from vishwamai.training_v2 import compose_config, run
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["training.max_steps=6", "training.eval_every_n_steps=3", "training.device=cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun_cmd(overrides: list[str], nproc: int = 2) -> list[str]:
+    return [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "vishwamai.training_v2",
+            *overrides, "distributed.timeout_s=60"]
+
+
+def torchrun(overrides: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run(torchrun_cmd(overrides, nproc), cwd=REPO, env=worker_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def assert_same_trajectory(a: list[dict], b: list[dict], keys=("loss", "grad_norm", "val_loss")) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert (key in ra) == (key in rb)
+            if key in ra:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
+@pytest.fixture
+def single_process_reference(tmp_path, tiny_overrides):
+    """One process, batch 2B: what 2 ranks with batch B each must reproduce."""
+    run_dir = tmp_path / "single"
+    run(compose_config(tiny_overrides + SHORT + ["training.batch_size=4"], run_dir=str(run_dir)))
+    return records(run_dir)
+
+
+# ------------------------------------------------------------------ multi-process
+def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, tiny_overrides,
+                                                                    single_process_reference):
+    run_dir = tmp_path / "ddp"
+    torchrun(tiny_overrides + SHORT + ["training.batch_size=2", "distributed.strategy=data_parallel",
+                                       f"run_dir={run_dir}"])
+    assert_same_trajectory(records(run_dir), single_process_reference)
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["tokens"] == 6 * 4 * 32
+    assert s["parameters_per_rank"] == [s["num_parameters"]] * 2  # DDP: full replicas
+    assert not (run_dir / "metrics.jsonl.1").exists()
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_under_ddp_syncs_once_and_matches(tmp_path, tiny_overrides, single_process_reference):
+    run_dir = tmp_path / "ddp_accum"
+    torchrun(tiny_overrides + SHORT + ["training.batch_size=1", "training.gradient_accumulation_steps=2",
+                                       "distributed.strategy=data_parallel", f"run_dir={run_dir}"])
+    assert_same_trajectory(records(run_dir), single_process_reference)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_parameters_trains_and_matches(tmp_path, tiny_overrides, single_process_reference):
+    run_dir = tmp_path / "fsdp"
+    torchrun(tiny_overrides + SHORT + ["training.batch_size=2", "distributed.strategy=model_parallel",
+                                       f"run_dir={run_dir}"])
+    s = summary(run_dir)
+    total, per_rank = s["num_parameters"], s["parameters_per_rank"]
+    assert sum(per_rank) == total  # the tied embedding / lm_head weight is one sharded parameter
+    assert all(abs(n - total / 2) <= 0.01 * total for n in per_rank)
+    assert "shard groups of 2" in s["parallel"]
+    assert_same_trajectory(records(run_dir), single_process_reference)
+    from vishwamai.checkpoint import load_model
+
+    model = load_model(run_dir / "checkpoints" / "final")  # gathered into one ordinary file
+    assert model.num_parameters() == total
+    assert model.lm_head.weight is model.embed.weight
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_four_ranks_parallel_factor_two(tmp_path, tiny_overrides, single_process_reference):
+    """Launched without torchrun: vishwamai starts its 4 workers through torch's elastic launcher."""
+    run_dir = tmp_path / "hsdp"
+    cmd = [sys.executable, "-m", "vishwamai.training_v2", *tiny_overrides, *SHORT, "training.batch_size=1",
+           "distributed.strategy=model_parallel", "distributed.nproc_per_node=4", "model.parallel_factor=2",
+           f"distributed.master_port={free_port()}", f"run_dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    s = summary(run_dir)
+    assert s["world_size"] == 4 and "shard groups of 2 x 2 replicas" in s["parallel"]
+    assert all(abs(n - s["num_parameters"] / 2) <= 0.01 * s["num_parameters"] for n in s["parameters_per_rank"])
+    assert_same_trajectory(records(run_dir), single_process_reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["model_parallel", "zero"])
+def test_sharded_checkpoint_resumes_exactly_with_two_ranks(tmp_path, tiny_overrides, strategy,
+                                                           single_process_reference):
+    extra = (["distributed.strategy=model_parallel"] if strategy == "model_parallel" else
+             ["distributed.strategy=data_parallel", "distributed.zero_optimizer=true"])
+    base = tiny_overrides + SHORT + extra + ["training.batch_size=2", "checkpointing.every_n_steps=3",
+                                             "checkpointing.save_zero_redundancy=true"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun(base + [f"run_dir={full}"])
+    step3 = full / "checkpoints" / "step-3"
+    assert len(list((step3 / "shards").glob("*.distcp"))) == 2  # one shard file per rank
+    torchrun(base + [f"run_dir={resumed}", f"training.resume={step3}"])
+    assert_same_trajectory(records(full), single_process_reference)
+    assert_same_trajectory(records(resumed), records(full)[3:])
+
+    out = tmp_path / "consolidated"
+    subprocess.run([sys.executable, "-m", "vishwamai.distributed.consolidate", str(full / "checkpoints" / "step-6"),
+                    str(out)], cwd=REPO, check=True, capture_output=True, timeout=120)
+    from vishwamai.checkpoint import load_model
+
+    a, b = load_model(out), load_model(full / "checkpoints" / "final")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_job_within_seconds(tmp_path, tiny_overrides):
+    run_dir = tmp_path / "killed"
+    cmd = torchrun_cmd(tiny_overrides + ["training.device=cpu", "training.max_steps=100000",
+                                         "training.eval_every_n_steps=0", "distributed.strategy=data_parallel",
+                                         f"run_dir={run_dir}"])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        victim = worker_with_rank(proc.pid, 1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        returncode = proc.wait(timeout=60)
+        elapsed = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session started above: only our processes
+    assert returncode != 0
+    assert elapsed < 15, f"the job took {elapsed:.1f}s to fail after a rank died"
+
+
+def worker_with_rank(launcher_pid: int, rank: int) -> int:
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    for pid in map(int, children):
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
+
+
+# ------------------------------------------------------------------- in-process
+@pytest.mark.parametrize("factor, world, expected", [(1, 4, 4), (2, 4, 2), (4, 4, 4), (2, 16, 2)])
+def test_parallel_factor_is_the_shard_group_size(factor, world, expected):
+    assert shard_group_size(factor, world) == expected
+
+
+@pytest.mark.parametrize("factor", [3, 8])
+def test_parallel_factor_must_divide_the_world(factor):
+    with pytest.raises(ConfigError, match="model.parallel_factor"):
+        shard_group_size(factor, 4)
+
+
+def test_launch_layout_for_multi_node_and_bad_counts(tiny_cfg):
+    d = tiny_cfg.distributed
+    tiny_cfg.training.device = "cpu"
+    d.strategy, d.world_size, d.nproc_per_node, d.node_rank = "model_parallel", 16, 8, 1
+    lay = layout(tiny_cfg)
+    assert (lay.nnodes, lay.nproc_per_node, lay.node_rank) == (2, 8, 1)
+    d.node_rank = 2
+    with pytest.raises(ConfigError, match="distributed.node_rank"):
+        layout(tiny_cfg)
+    d.node_rank, d.nproc_per_node = 0, 6
+    with pytest.raises(ConfigError, match="distributed.nproc_per_node"):
+        layout(tiny_cfg)
+    d.nproc_per_node = None  # CPU: one node runs all of them
+    assert layout(tiny_cfg).nproc_per_node == 16
+
+
+def test_self_launch_only_without_a_launcher(tiny_cfg, monkeypatch):
+    tiny_cfg.distributed.strategy = "data_parallel"
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not needs_launch(tiny_cfg)  # no process count given: nothing to launch
+    tiny_cfg.distributed.nproc_per_node = 2
+    assert needs_launch(tiny_cfg)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(key, value)
+    assert not needs_launch(tiny_cfg)  # inside torchrun's workers
+
+
+def test_workers_share_the_parent_run_directory():
+    out = worker_overrides(["a=1", "run_dir=/x", "+hydra.run.dir=/y"], "/runs/r1", "/runs/r1")
+    assert out == ["a=1", "run_dir=/runs/r1", "hydra.run.dir=/runs/r1"]
+
+
+def test_a_distributed_strategy_without_processes_is_a_clear_error(tiny_cfg, monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    tiny_cfg.distributed.strategy = "data_parallel"
+    with pytest.raises(ConfigError, match="distributed.strategy.*torchrun"):
+        build_parallelism(tiny_cfg)
+
+
+def test_bf16_compression_needs_nccl(tiny_cfg):
+    tiny_cfg.training.device = "cpu"
+    tiny_cfg.distributed.strategy = "data_parallel"
+    tiny_cfg.distributed.bf16_grad_compression = True
+    with pytest.raises(ConfigError, match="distributed.bf16_grad_compression"):
+        build_parallelism(tiny_cfg)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["distributed.strategy=model_parallel", "distributed.zero_optimizer=true"], "distributed.zero_optimizer"),
+    (["distributed.strategy=data_parallel", "model.parallel_factor=2"], "model.parallel_factor"),
+    (["distributed.strategy=data_parallel", "distributed.zero_optimizer=true", "checkpointing.every_n_steps=5"],
+     "checkpointing.save_zero_redundancy"),
+    (["distributed.world_size=0"], "distributed.world_size"),
+    (["distributed.backend=mpi"], "distributed.backend"),
+])
+def test_inconsistent_distributed_settings_name_the_key(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_config(overrides, run_dir=str(tmp_path)))
