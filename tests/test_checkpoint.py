@@ -368,3 +368,16 @@ def test_metrics_after_the_resumed_step_and_half_lines_are_dropped(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
     truncate_metrics(path, 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_with_only_best_saved_a_failed_run_resumes_from_best(tmp_path, tiny_overrides):
+    # checkpointing.every_n_steps=0 (the default): best/ is the only full checkpoint a crash leaves.
+    overrides = tiny_overrides + CKPT + ["training.max_steps=8", "training.max_consecutive_bad_steps=2"]
+    run(compose_config(overrides, run_dir=str(tmp_path / "clean")))
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError):
+        run(compose_config(overrides, run_dir=str(run_dir)), extra_callbacks=[PoisonLoss({6, 7})])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best"]
+    summary = run(compose_config(overrides + ["training.resume=auto"], run_dir=str(run_dir)))
+    assert summary["resumed_from"] == str(run_dir / "checkpoints" / "best")
+    assert _losses(run_dir) == _losses(tmp_path / "clean")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vishwamai.checkpoint.atomic import read_pointer
@@ -46,9 +47,21 @@ def latest_dir(root: Path) -> Path | None:
     return root / name if name and (root / name).is_dir() else None
 
 
+def _best_step(root: Path) -> tuple[int, Path] | None:
+    """best/ is a full checkpoint too; its step is in its manifest."""
+    try:
+        return int(json.loads((root / BEST / "manifest.json").read_text())["step"]), root / BEST
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resume_candidates(root: Path) -> list[Path]:
-    """Checkpoints to try, best first: the 'latest' pointer's, then the others newest first."""
-    ordered = [latest_dir(root)] + [p for _, p in reversed(step_dirs(root))]
+    """Checkpoints to try in order: the 'latest' pointer's, then step-N and best/ newest first.
+
+    best/ matters when checkpointing.every_n_steps=0: after a kill -9 it is the only full checkpoint.
+    """
+    others = step_dirs(root) + ([best] if (best := _best_step(root)) else [])
+    ordered = [latest_dir(root)] + [p for _, p in sorted(others, key=lambda sp: sp[0], reverse=True)]
     seen, result = set(), []
     for p in ordered:
         if p is not None and p not in seen:
