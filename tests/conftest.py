@@ -38,3 +38,15 @@ def tiny_cfg(tmp_path, tiny_overrides):
     from vishwamai.training_v2 import compose_config
 
     return compose_config(tiny_overrides, run_dir=str(tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory) -> str:
+    """A run directory whose model (the tiny config above) was trained 60 steps: a distillation teacher."""
+    from vishwamai.training_v2 import compose_config, run
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    run(compose_config(TINY_OVERRIDES + ["training.max_steps=60", "training.eval_every_n_steps=0",
+                                         "training.optimizer.lr=3e-3", "checkpointing.save_best=false"],
+                       run_dir=str(run_dir)))
+    return str(run_dir)

@@ -224,19 +224,27 @@ class DistributedConfig:
 # --------------------------------------------------------------------- distillation
 @dataclass
 class TeacherConfig:
+    # A run directory (its best, else latest, else final checkpoint) or one checkpoint directory.
     path: Optional[str] = None
-    # Several teachers for an ensemble; their logits are averaged (or weighted).
+    # Several teachers for an ensemble (path, if set, comes first): their softened distributions
+    # are averaged, weighted by `weights` (empty = equal weights).
     paths: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     temperature: float = 2.0
+    # loss = (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher || student).
     alpha: float = 0.5
     dtype: str = "float32"  # float32 | bfloat16
+    # Sequence positions per chunk of the KL (only one chunk's softmax is held at a time).
+    kd_chunk_size: int = 128
 
 
 @dataclass
 class FeatureDistillationConfig:
     enabled: bool = False
+    # Student blocks (0-based) whose outputs are matched to the teacher's.
     layers: list[int] = field(default_factory=lambda: [0])
+    # The teacher block for each of `layers`; null = uniform depth mapping (see vishwamai/distill).
+    teacher_layers: Optional[list[int]] = None
     loss_weight: float = 0.1
     loss: str = "mse"  # mse | cosine
 
@@ -244,6 +252,8 @@ class FeatureDistillationConfig:
 @dataclass
 class AttentionDistillationConfig:
     enabled: bool = False
+    # Student blocks whose attention maps are matched (null = all), teacher blocks by uniform mapping.
+    layers: Optional[list[int]] = None
     loss_weight: float = 0.1
     loss: str = "kl"  # kl | mse
 
@@ -253,6 +263,13 @@ class HiddenDistillationConfig:
     enabled: bool = False
     loss_weight: float = 0.1
     loss: str = "mse"  # mse | cosine
+
+
+@dataclass
+class EmbeddingDistillationConfig:
+    # Cosine similarity between the embedding outputs (hidden_states[0]).
+    enabled: bool = False
+    loss_weight: float = 0.1
 
 
 @dataclass
@@ -284,6 +301,7 @@ class DistillationConfig:
     feature_distillation: FeatureDistillationConfig = field(default_factory=FeatureDistillationConfig)
     attention_distillation: AttentionDistillationConfig = field(default_factory=AttentionDistillationConfig)
     hidden_distillation: HiddenDistillationConfig = field(default_factory=HiddenDistillationConfig)
+    embedding_distillation: EmbeddingDistillationConfig = field(default_factory=EmbeddingDistillationConfig)
     # The seed nests compression here; it also runs without distillation.enabled.
     pruning: PruningConfig = field(default_factory=PruningConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -443,6 +461,8 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     ds = cfg.distillation
     _check(ds.teacher_model.temperature > 0, "distillation.teacher_model.temperature", "must be > 0")
     _check(0 <= ds.teacher_model.alpha <= 1, "distillation.teacher_model.alpha", "must be in [0, 1]")
+    if ds.enabled:
+        _validate_distillation(ds)
     p = ds.pruning
     if p.enabled:
         _check(0 <= p.target_sparsity < 1, "distillation.pruning.target_sparsity", "must be in [0, 1)")
@@ -484,6 +504,31 @@ def _validate_monitoring(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(not mo.profile or mo.enabled, "monitoring.profile", "needs monitoring.enabled=true")
     _check(mo.peak_flops_per_s is None or mo.peak_flops_per_s > 0, "monitoring.peak_flops_per_s",
            "must be > 0 or null")
+
+
+def _validate_distillation(ds: DistillationConfig) -> None:
+    """Static checks; the teacher files and layer ranges are checked by vishwamai.distill's builder."""
+    tm = ds.teacher_model
+    _check(bool(tm.path) or len(tm.paths) > 0, "distillation.teacher_model.path",
+           "distillation.enabled=true needs a teacher: set teacher_model.path (or teacher_model.paths)")
+    n_teachers = int(bool(tm.path)) + len(tm.paths)
+    _check(not tm.weights or len(tm.weights) == n_teachers, "distillation.teacher_model.weights",
+           f"has {len(tm.weights)} entries for {n_teachers} teachers")
+    _check(all(w >= 0 for w in tm.weights) and (not tm.weights or sum(tm.weights) > 0),
+           "distillation.teacher_model.weights", "must be >= 0 with a positive sum")
+    _one_of(tm.dtype, "distillation.teacher_model.dtype", ("float32", "bfloat16"))
+    _check(tm.kd_chunk_size > 0, "distillation.teacher_model.kd_chunk_size", "must be > 0")
+    for name in ("feature_distillation", "attention_distillation", "hidden_distillation", "embedding_distillation"):
+        weight = getattr(ds, name).loss_weight
+        _check(weight >= 0, f"distillation.{name}.loss_weight", f"must be >= 0, got {weight}")
+    _one_of(ds.feature_distillation.loss, "distillation.feature_distillation.loss", ("mse", "cosine"))
+    _one_of(ds.hidden_distillation.loss, "distillation.hidden_distillation.loss", ("mse", "cosine"))
+    _one_of(ds.attention_distillation.loss, "distillation.attention_distillation.loss", ("kl", "mse"))
+    f = ds.feature_distillation
+    _check(not f.enabled or len(f.layers) > 0, "distillation.feature_distillation.layers", "must not be empty")
+    _check(f.teacher_layers is None or len(f.teacher_layers) == len(f.layers),
+           "distillation.feature_distillation.teacher_layers",
+           f"needs one teacher block per student layer ({len(f.layers)}), got {f.teacher_layers}")
 
 
 def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:

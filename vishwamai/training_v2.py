@@ -46,7 +46,6 @@ def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> 
 def reject_unimplemented(cfg: DictConfig) -> None:
     """Configured features that this build does not provide yet fail loudly, never silently."""
     pending = {
-        "distillation.enabled": cfg.distillation.enabled,
         "distillation.pruning.enabled": cfg.distillation.pruning.enabled,
         "distillation.quantization.enabled": cfg.distillation.quantization.enabled,
     }
@@ -83,12 +82,14 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """One entry per feature; each lives in the module its config key names."""
     from vishwamai.batching import build_dynamic_batch
     from vishwamai.checkpoint import build_checkpointing
+    from vishwamai.distill import build_distillation
     from vishwamai.distributed import build_distributed_callbacks
     from vishwamai.monitoring import build_monitoring
     from vishwamai.tune import build_tuning_callbacks
 
     callbacks = []
     callbacks += build_dynamic_batch(cfg)  # first: its on_step_end adds metrics the loggers write
+    callbacks += build_distillation(cfg)  # loads and checks the teacher(s) before training starts
     # After the features (a checkpoint holds their end-of-step state), before the loggers
     # (they write the step's checkpoint_save_s).
     callbacks += build_checkpointing(cfg, run_dir)

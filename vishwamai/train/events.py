@@ -6,6 +6,8 @@ A callback overrides only the methods it needs; each receives the Trainer, whose
 attributes are the shared state (see Trainer's docstring for what may be changed).
 
 Order of events in one run:
+  on_init                    (once, when the Trainer is built, before any resume: a callback that
+                              trains parameters of its own adds them to the optimizer here)
   on_train_start
   repeat:   on_step_start
             on_loss                  (once per micro-batch: add loss terms)
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from vishwamai.train.loop import Trainer
 
 EVENTS = (
+    "on_init",
     "on_train_start",
     "on_step_start",
     "on_loss",
@@ -48,6 +51,8 @@ class Callback:
     """Base class: every event is a no-op. `state_key` names the callback's saved state."""
 
     state_key: str | None = None
+
+    def on_init(self, trainer: "Trainer") -> None: ...
 
     def on_train_start(self, trainer: "Trainer") -> None: ...
 

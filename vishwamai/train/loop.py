@@ -90,7 +90,8 @@ class Trainer:
         self.skip_update = False
         self.should_stop = False
         self.grad_norm = math.nan
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # clipped together
+        self.fire("on_init")  # before any resume restores the optimizer (callbacks may add param groups)
 
     # ------------------------------------------------------------------ events
     @property

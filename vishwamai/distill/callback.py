@@ -1,0 +1,118 @@
+"""The distillation callback: runs the frozen teacher(s) on the student's inputs and adds loss terms.
+
+Terms added in on_loss (each logged as loss_<name>; they are the weighted contributions,
+so loss = the sum of all loss_<name>):
+  ce         (1 - alpha) * cross-entropy with the data        (the loop's term, rescaled)
+  kd         alpha * T^2 * KL(teacher || student), softened by T
+  feature    feature_distillation.loss_weight   * mean over the chosen block pairs
+  hidden     hidden_distillation.loss_weight    * mean over every student block's pair
+  embedding  embedding_distillation.loss_weight * (1 - cosine) of the embedding outputs
+  attention  attention_distillation.loss_weight * mean over the mapped blocks' attention maps
+With several teachers every term is the teachers' weighted mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vishwamai.distill.losses import attention_loss, kd_loss, representation_loss
+from vishwamai.distill.plan import KINDS, Pair, projection_key
+from vishwamai.distill.teachers import Teacher
+from vishwamai.errors import CheckpointError
+from vishwamai.train.events import Callback
+
+
+class Distillation(Callback):
+    state_key = "distillation"
+
+    def __init__(self, ds, teachers: list[Teacher], plans: list[dict[str, list[Pair]]],
+                 projections: nn.ModuleDict):
+        tm = ds.teacher_model
+        self.teachers, self.plans, self.projections = teachers, plans, projections
+        self.alpha, self.temperature, self.chunk_size = tm.alpha, tm.temperature, tm.kd_chunk_size
+        sections = {kind: getattr(ds, f"{kind}_distillation") for kind in KINDS}
+        self.weights = {kind: s.loss_weight for kind, s in sections.items() if s.enabled}
+        # The embedding loss is always cosine: embedding scales differ between models.
+        self.kinds = {kind: getattr(s, "loss", "cosine") for kind, s in sections.items() if s.enabled}
+        wants_hidden = any(kind in self.weights for kind in ("feature", "hidden", "embedding"))
+        # The extra outputs are computed only when a loss needs them (hidden states are cheap,
+        # attention maps disable the fused attention kernel).
+        self.model_outputs = {key: True for key, on in (("output_hidden_states", wants_hidden),
+                                                        ("output_attentions", "attention" in self.weights)) if on}
+
+    # ------------------------------------------------------------------ events
+    def on_init(self, trainer) -> None:
+        """Before any resume: the projections join the optimizer, so their state is saved with it."""
+        for teacher in self.teachers:
+            teacher.model.to(trainer.device)
+        self.projections.to(trainer.device)
+        params = list(self.projections.parameters())
+        if params:
+            join_optimizer(trainer, params)
+        trainer.forward_kwargs.update(self.model_outputs)
+        trainer.summary["distillation_teachers"] = [str(t.directory) for t in self.teachers]
+
+    def on_loss(self, trainer, *, inputs, targets, outputs, terms: dict) -> None:
+        with torch.no_grad():  # under the loop's autocast: AMP applies to the teacher too
+            taught = [t.model(inputs, **self.model_outputs) for t in self.teachers]
+        if self.alpha > 0:
+            terms["ce"] = terms["ce"] * (1.0 - self.alpha)
+            terms["kd"] = self.alpha * kd_loss(outputs.logits, [o.logits for o in taught], self.temperature,
+                                               [t.weight for t in self.teachers], self.chunk_size)
+        for kind, weight in self.weights.items():
+            per_teacher = [t.weight * self._kind_loss(kind, k, outputs, o)
+                           for k, (t, o) in enumerate(zip(self.teachers, taught))]
+            terms[kind] = weight * sum(per_teacher)
+
+    def on_after_backward(self, trainer) -> None:
+        # The projections live outside the DDP-wrapped student: average their gradients here.
+        if trainer.parallel.world_size > 1:
+            for p in self.projections.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(trainer.parallel.all_reduce_mean(p.grad))
+
+    # ------------------------------------------------------------------ losses
+    def _kind_loss(self, kind: str, k: int, student, teacher) -> torch.Tensor:
+        pairs = self.plans[k][kind]
+        if kind == "attention":
+            losses = [attention_loss(student.attentions[p.student], teacher.attentions[p.teacher], self.kinds[kind])
+                      for p in pairs]
+        else:
+            losses = [representation_loss(self._project(k, p.student, student.hidden_states[p.student]),
+                                          teacher.hidden_states[p.teacher], self.kinds[kind]) for p in pairs]
+        return sum(losses) / len(losses)
+
+    def _project(self, k: int, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        key = projection_key(k, index)
+        return self.projections[key](hidden) if key in self.projections else hidden
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The projection weights (their AdamW moments are in the optimizer's own state)."""
+        return {"projections": {k: v.detach().cpu() for k, v in self.projections.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("projections", {})
+        expected = set(self.projections.state_dict())
+        if set(saved) != expected:
+            raise CheckpointError(f"the checkpoint's distillation projections {sorted(saved)} do not match this "
+                                  f"run's {sorted(expected)} (different teacher, student or distillation layers)")
+        self.projections.load_state_dict(saved)  # copies in place: the optimizer keeps its references
+
+
+def join_optimizer(trainer, params: list[nn.Parameter]) -> None:
+    """Train `params` with the student's optimizer, lr schedule and gradient clipping."""
+    optimizer, scheduler = trainer.optimizer, trainer.scheduler
+    first = optimizer.param_groups[0]
+    initial_lr = first.get("initial_lr", first["lr"])
+    optimizer.add_param_group({"params": params, "weight_decay": trainer.cfg.training.optimizer.weight_decay,
+                               "lr": first["lr"], "initial_lr": initial_lr})
+    # LambdaLR keeps one base lr and lambda per group: the new group follows the first one's schedule.
+    if hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs.append(initial_lr)
+    if hasattr(scheduler, "lr_lambdas"):
+        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+    trainer.params.extend(params)
