@@ -11,9 +11,10 @@ compiled spec.
 # No `from __future__ import annotations`: KFP reads the pipeline signature's annotations.
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from kfp import dsl, kubernetes
+from kfp.dsl import HTML, Markdown, Metrics
 
 from components import DEFAULT_IMAGE, build_components
 
@@ -75,7 +76,7 @@ def build_pipeline(image: str = DEFAULT_IMAGE, pod: Optional[PodSettings] = None
         quantization_mode: str = "dynamic",
         calibration_steps: int = 16,
         overrides: list = [],
-    ):
+    ) -> NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML):
         pre = c["pretrain"](overrides=overrides, model_preset=model_preset, steps=pretrain_steps)
         pre.set_display_name("pretrain (teacher)")
         dis = c["distill"](teacher=pre.outputs["model"], dataset=pre.outputs["dataset"], overrides=overrides,
@@ -92,6 +93,8 @@ def build_pipeline(image: str = DEFAULT_IMAGE, pod: Optional[PodSettings] = None
             pod.apply(task, gpu=True)
         for task in (qua, ev):  # int8 kernels and the comparison run on CPU
             pod.apply(task, gpu=False)
+        outputs = NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML)
+        return outputs(ev.outputs["metrics"], ev.outputs["report"], ev.outputs["report_html"])
 
     return vishwamai_pipeline
 

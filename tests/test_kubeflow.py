@@ -4,7 +4,7 @@ Real tools: the kfp compiler, kfp.local's SubprocessRunner, torchrun processes. 
 the Kubeflow Pipelines API server (`upload`), which cannot run here: a recording fake client.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: a test defines a KFP pipeline, whose annotations KFP reads.
 
 import json
 import os
@@ -217,6 +217,41 @@ def test_whole_pipeline_runs_end_to_end_in_kfp_local(tmp_path, tiny_overrides):
         assert name in report
     assert "data:image/png;base64," in Path(task.outputs["report_html"].path).read_text()
     assert any("quantized" in k for k in task.outputs["metrics"].metadata)
+
+
+@pytest.mark.slow
+def test_compression_stages_chain_in_kfp_local_without_distillation(tmp_path, tiny_overrides):
+    """pretrain -> prune -> quantize -> evaluate through kfp.local with the real components
+    (runs even while distillation is not built: prune starts from the teacher here)."""
+    from typing import NamedTuple
+
+    from kfp import dsl, local
+    from kfp.dsl import HTML, Markdown, Metrics
+
+    from components import build_components
+
+    c = build_components("unused:0")
+
+    @dsl.pipeline(name="compression-chain")
+    def chain(overrides: list) -> NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML):
+        pre = c["pretrain"](overrides=overrides, model_preset="tiny", steps=6)
+        pru = c["prune"](student=pre.outputs["model"], dataset=pre.outputs["dataset"], overrides=overrides,
+                         target_sparsity=0.5, steps=6)
+        qua = c["quantize"](pruned=pru.outputs["pruned"], dataset=pre.outputs["dataset"], mode="dynamic",
+                            calibration_steps=2)
+        ev = c["evaluate"](teacher=pre.outputs["model"], student=pre.outputs["model"], pruned=pru.outputs["pruned"],
+                           quantized=qua.outputs["quantized"], dataset=pre.outputs["dataset"])
+        outputs = NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML)
+        return outputs(ev.outputs["metrics"], ev.outputs["report"], ev.outputs["report_html"])
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    task = chain(overrides=tiny_overrides)
+    metrics = task.outputs["metrics"].metadata
+    # The pruned model has fewer non-zero weights than the teacher; int8 is smaller on disk.
+    assert metrics["pruned_nonzero_parameters"] < 0.8 * metrics["teacher_nonzero_parameters"]
+    assert metrics["quantized_size_bytes"] < 0.5 * metrics["pruned_size_bytes"]
+    assert "| quantized |" in Path(task.outputs["report"].path).read_text()
+    assert "data:image/png;base64," in Path(task.outputs["report_html"].path).read_text()
 
 
 # ------------------------------------------------------------------------------- pod launcher
