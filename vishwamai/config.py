@@ -280,17 +280,23 @@ class PruningConfig:
     pruning_schedule: str = "cubic"  # cubic | linear | constant
     begin_step: int = 1000
     end_step: int = 10000
+    # Masks are recomputed every `frequency` steps between begin_step and end_step (and at end_step).
     frequency: int = 10
-    # unstructured | structured
+    # unstructured (single weights) | structured (whole units, see structured_targets)
     method: str = "unstructured"
-    scope: str = "per_layer"  # per_layer | global
+    scope: str = "per_layer"  # per_layer | global (one threshold over all prunable layers)
+    # Units structured pruning removes: mlp (SwiGLU channels) and/or heads (attention heads).
+    structured_targets: list[str] = field(default_factory=lambda: ["mlp"])
+    # Parameters whose name contains one of these are never pruned (embeddings, output head, norms).
+    exclude: list[str] = field(default_factory=lambda: ["embed", "lm_head", "norm"])
 
 
 @dataclass
 class QuantizationConfig:
     enabled: bool = False
     precision: str = "int8"
-    mode: str = "dynamic"  # dynamic | weight_only | static
+    # dynamic (int8 activations at run time) | weight_only (fp32 activations, int8 weights)
+    mode: str = "dynamic"
     calibration_steps: int = 100
 
 
@@ -471,11 +477,20 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
         _one_of(p.pruning_schedule, "distillation.pruning.pruning_schedule", ("cubic", "linear", "constant"))
         _check(0 <= p.begin_step <= p.end_step, "distillation.pruning.begin_step",
                f"begin_step={p.begin_step} must be <= end_step={p.end_step}")
+        _check(p.frequency > 0, "distillation.pruning.frequency", f"must be > 0, got {p.frequency}")
+        _one_of(p.method, "distillation.pruning.method", ("unstructured", "structured"))
+        _one_of(p.scope, "distillation.pruning.scope", ("per_layer", "global"))
+        for unit in p.structured_targets:
+            _one_of(unit, "distillation.pruning.structured_targets", ("mlp", "heads"))
+        _check(p.method != "structured" or len(p.structured_targets) > 0, "distillation.pruning.structured_targets",
+               "must name at least one of mlp, heads with method=structured")
     q = ds.quantization
     if q.enabled:
         _check(q.precision == "int8", "distillation.quantization.precision",
                f"{q.precision!r} is not supported on this build; supported: ['int8']")
-        _check(q.calibration_steps > 0, "distillation.quantization.calibration_steps", "must be > 0")
+        _check(q.calibration_steps >= 0, "distillation.quantization.calibration_steps",
+               "must be >= 0 (0 = plain absmax scales)")
+        _one_of(q.mode, "distillation.quantization.mode", ("dynamic", "weight_only"))
 
     tu = cfg.tuning
     _one_of(tu.framework, "tuning.framework", ("optuna", "ray"))

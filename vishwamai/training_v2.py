@@ -46,8 +46,6 @@ def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> 
 def reject_unimplemented(cfg: DictConfig) -> None:
     """Configured features that this build does not provide yet fail loudly, never silently."""
     pending = {
-        "distillation.pruning.enabled": cfg.distillation.pruning.enabled,
-        "distillation.quantization.enabled": cfg.distillation.quantization.enabled,
     }
     for key, requested in pending.items():
         if requested:
@@ -83,6 +81,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from vishwamai.batching import build_dynamic_batch
     from vishwamai.checkpoint import build_checkpointing
     from vishwamai.distill import build_distillation
+    from vishwamai.compress import build_compression
     from vishwamai.distributed import build_distributed_callbacks
     from vishwamai.monitoring import build_monitoring
     from vishwamai.tune import build_tuning_callbacks
@@ -90,6 +89,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     callbacks = []
     callbacks += build_dynamic_batch(cfg)  # first: its on_step_end adds metrics the loggers write
     callbacks += build_distillation(cfg)  # loads and checks the teacher(s) before training starts
+    # Before checkpointing: a checkpoint holds the pruning masks and masked weights; at the end,
+    # RUN_DIR/pruned/ and RUN_DIR/quantized/ are written and their figures join the summary.
+    callbacks += build_compression(cfg, run_dir)
     # After the features (a checkpoint holds their end-of-step state), before the loggers
     # (they write the step's checkpoint_save_s).
     callbacks += build_checkpointing(cfg, run_dir)
