@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -381,3 +382,17 @@ def test_with_only_best_saved_a_failed_run_resumes_from_best(tmp_path, tiny_over
     summary = run(compose_config(overrides + ["training.resume=auto"], run_dir=str(run_dir)))
     assert summary["resumed_from"] == str(run_dir / "checkpoints" / "best")
     assert _losses(run_dir) == _losses(tmp_path / "clean")
+
+
+class NumpyState(Callback):
+    state_key = "numpy_state"
+
+    def state_dict(self):
+        return {"ema": [1.0, np.float64(0.5)]}
+
+
+def test_callback_state_that_could_not_be_loaded_back_fails_at_the_first_save(tmp_path, tiny_overrides):
+    overrides = tiny_overrides + CKPT + ["training.max_steps=4", "checkpointing.every_n_steps=2"]
+    with pytest.raises(CheckpointError, match=r"callbacks\.numpy_state\.ema\[1\].*numpy.float64"):
+        run(compose_config(overrides, run_dir=str(tmp_path / "run")), extra_callbacks=[NumpyState()])
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))

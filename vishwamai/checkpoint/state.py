@@ -19,6 +19,7 @@ import json
 import logging
 import pickle
 import random
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,31 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------- save
+_PLAIN_LEAVES = (str, int, float, bool, complex, bytes, type(None), torch.dtype, torch.device)
+_PLAIN_SEQUENCES = (list, tuple, set, torch.Size)
+
+
+def check_plain_data(value: Any, where: str = "trainer state") -> None:
+    """What torch.load(weights_only=True) will read back; else CheckpointError naming the entry.
+
+    Checked at save time, so a callback whose state_dict() holds e.g. a numpy scalar fails at
+    its first checkpoint instead of making every later resume impossible.
+    """
+    kind = type(value)
+    if kind in _PLAIN_LEAVES or isinstance(value, torch.Tensor):
+        return
+    if kind in (dict, OrderedDict):
+        for key, item in value.items():
+            check_plain_data(key, f"{where} (a key)")
+            check_plain_data(item, f"{where}.{key}")
+    elif kind in _PLAIN_SEQUENCES:
+        for i, item in enumerate(value):
+            check_plain_data(item, f"{where}[{i}]")
+    else:
+        raise CheckpointError(f"cannot checkpoint {where}: {kind.__module__}.{kind.__qualname__} is not plain data "
+                              "(use Python numbers/str, lists, dicts, tensors; e.g. float(x) for numpy scalars)")
+
+
 def uses_sharded_checkpoints(trainer) -> bool:
     """FSDP, or several processes with ZeRO (each rank holds only part of the optimizer state)."""
     cfg, p = trainer.cfg, trainer.parallel
@@ -100,11 +126,13 @@ def write_checkpoint(directory: Path, trainer, include_optimizer: bool) -> list[
     else:
         save_model(directory, trainer.raw_model, trainer.cfg.model)
         required.append(WEIGHTS_FILE)
+    trainer_state = trainer.state_dict(include_optimizer=include_optimizer and not sharded)
+    check_plain_data(trainer_state)
     state = {
         "format_version": STATE_FORMAT_VERSION,
         "step": trainer.state.step,
         "sharded": sharded,
-        "trainer": trainer.state_dict(include_optimizer=include_optimizer and not sharded),
+        "trainer": trainer_state,
         "rng": capture_rng(),
     }
     torch.save(state, directory / TRAINER_STATE_FILE)
