@@ -96,7 +96,7 @@ def uses_sharded_checkpoints(trainer) -> bool:
 def assert_finite_weights(trainer, directory: Path) -> None:
     """A NaN/inf must never be written into a checkpoint (it would poison every resume).
 
-    Collective: every rank calls it.
+    Every rank calls it (CheckpointManager._write); a collective only for sharded saves.
     """
     # Sharded (DTensor) parameters: each rank checks its own shard, then the ranks agree.
     local = {name: p.to_local() if hasattr(p, "to_local") else p for name, p in trainer.raw_model.named_parameters()}
@@ -110,7 +110,7 @@ def write_checkpoint(directory: Path, trainer, include_optimizer: bool) -> list[
     """Write the checkpoint files into `directory` (a temporary dir); returns the required files.
 
     Sharded: every rank calls this; otherwise only the main rank does.  Call
-    assert_finite_weights (a collective) on every rank first.
+    assert_finite_weights on every rank first.
     """
     sharded = uses_sharded_checkpoints(trainer)
     if sharded:
