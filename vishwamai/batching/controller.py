@@ -33,13 +33,18 @@ Distributed runs: every size change is decided at on_step_end, a point every ran
 per step, from agreed facts only: the non-finite flag (agreed by the loop), the spike flag
 (agreed with parallel.any) and the number of OOM shrinks (agreed with parallel.any, one call
 per shrink level), so all ranks apply the same sizes and the sampler stays in step. An OOM is
-caught locally and the step redone locally; ranks stay in step when every rank runs out of
-memory before the step's first collective, which is the usual case (same shapes on every rank).
-Limitation: when only one rank runs out of memory while the others already wait in a
-collective (DDP's gradient all-reduce in backward, the loss all-reduce), the others are not told;
-the redone step's collectives then pair up with the waiting ones only if the OOM came before the
-rank's first collective of the step; otherwise the collective times out, and the run should be
-restarted from its last checkpoint, which carries the reduced batch state.
+caught and the step redone locally. When every rank runs out of memory at the same point - the
+usual case, as every rank runs the same shapes - the redone steps' collectives pair up and all
+ranks recover together (tests/test_dynamic_batch_ddp.py, 2 gloo processes).
+Limitation: an OOM on one rank only cannot be recovered in place. The other ranks are by then
+inside a collective (DDP's gradient all-reduce in backward, or the loss all-reduce) that the
+redone step does not match (it starts with DDP's buffer broadcast), and no rank can be told
+without a collective of its own. The ranks then wait until the process group's timeout,
+the launcher restarts the group (distributed.max_restarts) and training.resume=auto continues
+from the last checkpoint, whose batch state includes every size agreed so far. An OOM during
+evaluation on one rank is recovered: evaluation's only collectives are DDP's buffer broadcast
+at its first forward (not repeated by the redo, see oom.skip_repeated_buffer_sync) and the
+all-reduce after all its forwards.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from vishwamai.batching.oom import is_out_of_memory, release_memory, requested_memory
+from vishwamai.batching.oom import is_out_of_memory, release_memory, requested_memory, skip_repeated_buffer_sync
 from vishwamai.checkpoint.layout import step_name
 from vishwamai.config import DynamicBatchConfig
 from vishwamai.errors import InsufficientMemoryError
@@ -121,6 +126,7 @@ class DynamicBatchSize(Callback):
         if not is_out_of_memory(error):
             return False
         release_memory(error, trainer.device)
+        skip_repeated_buffer_sync(trainer.model)
         old = trainer.eval_batch_size
         if old <= 1:
             self._give_up(trainer, error, "evaluation with one sequence per forward")

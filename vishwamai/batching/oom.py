@@ -44,3 +44,18 @@ def release_memory(error: BaseException, device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def skip_repeated_buffer_sync(model: torch.nn.Module) -> None:
+    """Before redoing a failed no-grad forward under DDP: do not broadcast the buffers again.
+
+    DDP broadcasts buffers at the start of the first forward after a training forward, and
+    marks them synced only when that forward returns. A forward that ran out of memory has
+    already taken part in the broadcast; broadcasting again on this rank alone would meet a
+    different collective on the others and hang.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    if isinstance(model, DistributedDataParallel) and hasattr(model, "require_forward_param_sync"):
+        model.require_forward_param_sync = False
