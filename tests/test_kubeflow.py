@@ -165,8 +165,8 @@ def test_evaluation_json_flattens_to_kfp_metrics():
 def test_html_report_embeds_the_plot(tmp_path):
     plot = tmp_path / "p.png"
     plot.write_bytes(b"\x89PNG fake")
-    page = stages.html_report("| model | <loss> |", plot)
-    assert "data:image/png;base64," in page and "&lt;loss&gt;" in page
+    page = stages.html_report("| model | <loss> |", [plot, tmp_path / "missing.png"])
+    assert page.count("data:image/png;base64,") == 1 and "&lt;loss&gt;" in page
 
 
 @pytest.mark.slow  # ~12 s: a subprocess that imports kfp, torch and trains
@@ -215,8 +215,13 @@ def test_whole_pipeline_runs_end_to_end_in_kfp_local(tmp_path, tiny_overrides):
     report = Path(task.outputs["report"].path).read_text()
     for name in ("teacher", "student", "pruned", "quantized"):
         assert name in report
-    assert "data:image/png;base64," in Path(task.outputs["report_html"].path).read_text()
-    assert any("quantized" in k for k in task.outputs["metrics"].metadata)
+    assert Path(task.outputs["report_html"].path).read_text().count("data:image/png;base64,") == 4
+    metrics = task.outputs["metrics"].metadata
+    for name in ("teacher", "student", "pruned", "quantized"):
+        assert metrics[f"{name}_val_loss"] > 0 and metrics[f"{name}_size_bytes"] > 0
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    assert metrics["pruned_nonzero_parameters"] < metrics["student_nonzero_parameters"]
+    assert metrics["quantized_size_bytes"] < metrics["pruned_size_bytes"]
 
 
 @pytest.mark.slow
@@ -250,8 +255,10 @@ def test_compression_stages_chain_in_kfp_local_without_distillation(tmp_path, ti
     # The pruned model has fewer non-zero weights than the teacher; int8 is smaller on disk.
     assert metrics["pruned_nonzero_parameters"] < 0.8 * metrics["teacher_nonzero_parameters"]
     assert metrics["quantized_size_bytes"] < 0.5 * metrics["pruned_size_bytes"]
-    assert "| quantized |" in Path(task.outputs["report"].path).read_text()
-    assert "data:image/png;base64," in Path(task.outputs["report_html"].path).read_text()
+    report = Path(task.outputs["report"].path).read_text()
+    assert "| quantized |" in report and "## pruned: training" in report  # comparison + run reports
+    # The comparison plot and the training curves of teacher, student (= teacher here) and pruned.
+    assert Path(task.outputs["report_html"].path).read_text().count("data:image/png;base64,") == 4
 
 
 # ------------------------------------------------------------------------------- pod launcher

@@ -121,8 +121,10 @@ def evaluate(models: dict[str, str], dataset: str, output_dir: str, metrics: Met
              report_html: str) -> dict[str, Any]:
     """Compare the stages' models on the same validation windows (loss, perplexity, size, latency).
 
-    KFP metrics `<model>_<figure>`, the Markdown table and an HTML page with the plot.  The data
-    settings are the first model's (the teacher's) run, so every model sees the windows it trained on.
+    KFP metrics `<model>_<figure>`; a Markdown report (the comparison table, then each training
+    stage's run report); an HTML page with the comparison plot and each stage's training curves.
+    The data settings are the first model's (the teacher's) run, so every model sees the windows
+    it trained on.
     """
     from vishwamai.evaluate import evaluate_models
 
@@ -130,10 +132,29 @@ def evaluate(models: dict[str, str], dataset: str, output_dir: str, metrics: Met
     data_cfg = run_data_config(next(iter(models.values())), dataset)
     results = evaluate_models({name: model_dir(path) for name, path in models.items()}, out, data_cfg)
     log_numbers(metrics, results["models"])
-    markdown = (out / "evaluation.md").read_text()
+    sections, plots = [(out / "evaluation.md").read_text()], [out / "evaluation.png"]
+    for name, path in models.items():
+        if (Path(path) / "metrics.jsonl").is_file():  # a training stage's run directory
+            run_report = training_report(path, out / name)
+            sections.append(f"## {name}: training\n\n" + run_report["markdown"].read_text().split("\n", 1)[1])
+            plots.append(run_report["png"])
+    markdown = "\n".join(sections)
     Path(report_md).write_text(markdown)
-    Path(report_html).write_text(html_report(markdown, out / "evaluation.png"))
+    Path(report_html).write_text(html_report(markdown, plots))
     return results
+
+
+def training_report(run_dir: str, out: Path) -> dict[str, Path]:
+    """vishwamai.report's curves and summary of a run, written into `out` (input artifacts stay untouched)."""
+    import shutil
+
+    from vishwamai.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json"):
+        if (Path(run_dir) / name).is_file():
+            shutil.copy(Path(run_dir) / name, out / name)
+    return write_report(out)
 
 
 def flatten_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -147,12 +168,11 @@ def flatten_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
     return []
 
 
-def html_report(markdown: str, plot: Path) -> str:
-    """A self-contained page (the KFP UI shows HTML artifacts inline): the report text and its plot."""
+def html_report(markdown: str, plots: list[Path]) -> str:
+    """A self-contained page (the KFP UI shows HTML artifacts inline): the plots, then the report text."""
     import html
 
-    image = ""
-    if plot.is_file():
-        image = f'<img alt="evaluation plot" src="data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}">'
+    images = "".join(f'<p><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                     f"</p>" for p in plots if p.is_file())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>vishwamai evaluation</title></head>"
-            f"<body>{image}<pre>{html.escape(markdown)}</pre></body></html>")
+            f"<body>{images}<pre>{html.escape(markdown)}</pre></body></html>")
