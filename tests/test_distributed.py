@@ -94,11 +94,13 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_gradient_accumulation_under_ddp_syncs_once_and_matches(tmp_path, tiny_overrides, single_process_reference):
+def test_gradient_accumulation_under_ddp_matches(tmp_path, tiny_overrides, single_process_reference):
+    """2 ranks x 2 micro-batches of 1 (no_sync on the first) = one process with a batch of 4."""
     run_dir = tmp_path / "ddp_accum"
     torchrun(tiny_overrides + SHORT + ["training.batch_size=1", "training.gradient_accumulation_steps=2",
                                        "distributed.strategy=data_parallel", f"run_dir={run_dir}"])
-    assert_same_trajectory(records(run_dir), single_process_reference)
+    # (validation windows follow training.batch_size, so only the training figures compare)
+    assert_same_trajectory(records(run_dir), single_process_reference, keys=("loss", "grad_norm"))
 
 
 @pytest.mark.slow
