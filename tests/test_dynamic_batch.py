@@ -129,6 +129,14 @@ def test_grows_after_stable_steps_up_to_target_and_scales_lr(tmp_path, tiny_over
         assert r["lr"] == pytest.approx(expected * factor)
 
 
+def test_plain_mode_keeps_gradient_accumulation(tmp_path, tiny_overrides):
+    summary, records, _ = train(tmp_path, tiny_overrides + ["training.gradient_accumulation_steps=2",
+                                                            "training.max_steps=4"] + dynamic(
+        initial_batch_size=2, target_batch_size=4, min_batch_size=1, stable_steps=2))
+    assert column(records, "batch_size") == [4, 4, 8, 8]  # size x 2 accumulation steps
+    assert column(records, "micro_batch_size") == [2, 2, 4, 4]
+
+
 # ------------------------------------------------------------------ out of memory
 def test_oom_shrinks_and_redoes_the_same_samples(tmp_path, tiny_overrides):
     cap = MemoryCap(lambda step: 4)  # a real "DefaultCPUAllocator: can't allocate memory" above 4

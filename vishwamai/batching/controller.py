@@ -149,7 +149,7 @@ class DynamicBatchSize(Callback):
             trainer.metrics["skipped_grad_spike"] = 1
             self._trouble = "grad_spike"
         elif math.isfinite(norm):
-            self.grad_norms.append(norm)
+            self.grad_norms.append(float(norm))  # plain data for the checkpoint
 
     def on_step_end(self, trainer: "Trainer") -> None:
         shrinks = self._agreed_shrinks(trainer)
