@@ -268,3 +268,12 @@ def test_bf16_compression_needs_nccl(tiny_cfg):
 def test_inconsistent_distributed_settings_name_the_key(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_config(overrides, run_dir=str(tmp_path)))
+
+
+def test_fp16_loss_scaling_with_sharding_is_refused(tiny_cfg):
+    from vishwamai.errors import NotImplementedYet
+
+    tiny_cfg.distributed.strategy = "model_parallel"
+    tiny_cfg.amp.enabled, tiny_cfg.amp.dtype = True, "float16"
+    with pytest.raises(NotImplementedYet, match="amp.dtype=float16"):
+        build_parallelism(tiny_cfg)

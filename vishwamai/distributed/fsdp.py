@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from vishwamai.config import VishwamaiConfig
 from vishwamai.distributed.group import ProcessGroupParallelism
-from vishwamai.errors import ConfigError
+from vishwamai.errors import ConfigError, NotImplementedYet
 
 
 def shard_group_size(parallel_factor: int, world_size: int) -> int:
@@ -41,6 +41,11 @@ class FullyShardedParallel(ProcessGroupParallelism):
     shards_optimizer = True
 
     def __init__(self, cfg: VishwamaiConfig):
+        if cfg.amp.enabled and cfg.amp.dtype == "float16":
+            # torch.amp.GradScaler decides on inf gradients per rank; with sharded
+            # gradients the ranks would disagree (one skips, the others step).
+            raise NotImplementedYet("amp.dtype=float16 with distributed.strategy=model_parallel",
+                                    "use amp.dtype=bfloat16 (no loss scaling needed)")
         super().__init__(cfg)
         self.shard_size = shard_group_size(cfg.model.parallel_factor, self.world_size)
         self.replicas = self.world_size // self.shard_size
