@@ -136,7 +136,9 @@ def evaluate(models: dict[str, str], dataset: str, output_dir: str, metrics: Met
     for name, path in models.items():
         if (Path(path) / "metrics.jsonl").is_file():  # a training stage's run directory
             run_report = training_report(path, out / name)
-            sections.append(f"## {name}: training\n\n" + run_report["markdown"].read_text().split("\n", 1)[1])
+            body = run_report["markdown"].read_text().split("\n", 1)[1]  # minus its title
+            body = "\n".join(line for line in body.splitlines() if not line.startswith("!["))  # plots go to HTML
+            sections.append(f"## {name}: training\n{body}\n")
             plots.append(run_report["png"])
     markdown = "\n".join(sections)
     Path(report_md).write_text(markdown)
