@@ -27,7 +27,7 @@ from _harness import record  # noqa: E402
 from vishwamai.train.events import Callback  # noqa: E402
 from vishwamai.training_v2 import compose_config, run  # noqa: E402
 
-SEQ, BATCH, WARMUP = 128, 32, 3
+SEQ, BATCH, WARMUP = 64, 32, 3
 
 
 class TransientOOM(Callback):
@@ -50,7 +50,7 @@ def one_round(stable: int, phase_steps: int, device: str) -> dict:
     # 32 -> 4 at oom_step; 4 -> 8 -> 16 after s stable steps each; 16 -> 32 after 2s (32 failed once).
     regrown = oom_step + 4 * stable
     max_steps = regrown + phase_steps
-    overrides = ["model.d_model=128", "model.n_layers=2", "model.n_heads=2", f"data.seq_len={SEQ}",
+    overrides = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", f"data.seq_len={SEQ}",
                  f"training.batch_size={BATCH}", f"training.max_steps={max_steps}", "training.eval_every_n_steps=0",
                  "training.eval_batches=1", "training.log_every_n_steps=1", "training.progress_bar=false",
                  "training.num_threads=1", "monitoring.enabled=false", f"training.device={device}",

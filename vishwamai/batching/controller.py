@@ -39,9 +39,9 @@ ranks recover together (tests/test_dynamic_batch_ddp.py, 2 gloo processes).
 Limitation: an OOM on one rank only cannot be recovered in place. The other ranks are by then
 inside a collective (DDP's gradient all-reduce in backward, or the loss all-reduce) that the
 redone step does not match (it starts with DDP's buffer broadcast), and no rank can be told
-without a collective of its own. The ranks then wait until the process group's timeout,
-the launcher restarts the group (distributed.max_restarts) and training.resume=auto continues
-from the last checkpoint, whose batch state includes every size agreed so far. An OOM during
+without a collective of its own. The run then fails at the process group's timeout; the
+launcher can restart it (distributed.max_restarts) and training.resume=auto continues from the
+last checkpoint's batch state (if that rank runs out of memory there again, lower the sizes). An OOM during
 evaluation on one rank is recovered: evaluation's only collectives are DDP's buffer broadcast
 at its first forward (not repeated by the redo, see oom.skip_repeated_buffer_sync) and the
 all-reduce after all its forwards.
