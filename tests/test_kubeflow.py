@@ -358,3 +358,28 @@ def test_probing_the_masters_store_does_not_disturb_it():
     peer = dist.TCPStore("127.0.0.1", store.port, 2, False, timeout=datetime.timedelta(seconds=20))
     peer.set("rank1", "ready")
     assert store.get("rank1") == b"ready"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_pods_train_together_from_the_operators_environment(tmp_path, tiny_overrides):
+    """What a PyTorchJob with Master + 1 Worker does, as two local processes: the environment the
+    Training Operator sets (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR/PORT, ...) and the manifest's
+    command; DDP over gloo, one run directory."""
+    run_dir = tmp_path / "run"
+    port = str(free_port())
+    args = [sys.executable, "-m", "vishwamai.kubeflow.launch", *tiny_overrides, "distributed.strategy=data_parallel",
+            "training.device=cpu", "training.max_steps=4", f"hydra.run.dir={run_dir}"]
+    pods = [subprocess.Popen(args, env=launcher_env(PET_NNODES="2", PET_NODE_RANK=str(rank), PET_MASTER_ADDR="127.0.0.1",
+                                                    PET_MASTER_PORT=port, WORLD_SIZE="2", RANK=str(rank)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for rank in (1, 0)]  # the worker first: it must wait for the master, not fail
+    outputs = [p.communicate(timeout=240)[0] for p in pods]
+    assert [p.returncode for p in pods] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
