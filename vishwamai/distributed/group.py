@@ -108,4 +108,5 @@ class ProcessGroupParallelism(Parallelism):
 
     def shutdown(self) -> None:
         if dist.is_initialized():
+            self.barrier()  # leave together: no rank tears down while a peer still talks to it
             dist.destroy_process_group()
