@@ -97,6 +97,8 @@ def test_recognises_real_allocation_failures_and_reads_the_request():
     assert requested_memory(cpu.value) == f"{(1 << 50) / 2**30:.2f} GiB"
     cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
     assert is_out_of_memory(cuda) and requested_memory(cuda) == "2.00 GiB"
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1.2 GB)"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))
 

@@ -10,8 +10,10 @@ from typing import Optional
 import torch
 
 # RuntimeError messages of allocation failures that are not raised as torch.OutOfMemoryError:
-# the CPU allocator ("DefaultCPUAllocator: can't allocate memory"), older CUDA/HIP builds and MPS.
-_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
+# the CPU allocator ("DefaultCPUAllocator: can't allocate memory"), MPS/XPU ("... out of memory"),
+# and cuBLAS/cuDNN workspaces ("CUBLAS_STATUS_ALLOC_FAILED").
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "defaultcpuallocator",
+                 "status_alloc_failed")
 # "Tried to allocate 2.00 GiB" (CUDA) / "you tried to allocate 1125899906842624 bytes" (CPU).
 _REQUEST = re.compile(r"tried to allocate\s+([\d.]+)\s*(bytes|[KMGT]i?B)", re.IGNORECASE)
 
