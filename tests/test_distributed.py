@@ -260,8 +260,6 @@ def test_bf16_compression_needs_nccl(tiny_cfg):
 @pytest.mark.parametrize("overrides, key", [
     (["distributed.strategy=model_parallel", "distributed.zero_optimizer=true"], "distributed.zero_optimizer"),
     (["distributed.strategy=data_parallel", "model.parallel_factor=2"], "model.parallel_factor"),
-    (["distributed.strategy=data_parallel", "distributed.zero_optimizer=true", "checkpointing.every_n_steps=5"],
-     "checkpointing.save_zero_redundancy"),
     (["distributed.world_size=0"], "distributed.world_size"),
     (["distributed.backend=mpi"], "distributed.backend"),
 ])

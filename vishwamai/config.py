@@ -565,11 +565,6 @@ def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:
            ddp_only)
     _check(cfg.model.parallel_factor == 1 or dd.strategy == "model_parallel", "model.parallel_factor",
            "is the shard-group size of distributed.strategy=model_parallel; leave it 1 otherwise")
-    c = cfg.checkpointing
-    _check(not (dd.zero_optimizer and c.every_n_steps > 0 and c.save_optimizer_state
-                and not c.save_zero_redundancy), "checkpointing.save_zero_redundancy",
-           "distributed.zero_optimizer shards the optimizer state: checkpoints with optimizer state must be "
-           "sharded (set checkpointing.save_zero_redundancy=true or checkpointing.save_optimizer_state=false)")
 
 
 def to_container(cfg: DictConfig) -> dict:
