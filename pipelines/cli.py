@@ -46,8 +46,8 @@ def parse_toleration(text: str) -> tuple[str, str, Optional[str], Optional[str]]
 
 def pod_settings(args: argparse.Namespace) -> PodSettings:
     return PodSettings(
-        cpu_request=args.cpu, cpu_limit=args.cpu_limit or args.cpu, memory_request=args.memory,
-        memory_limit=args.memory_limit or args.memory, gpus=args.gpus, gpu_resource=args.gpu_resource,
+        cpu_request=args.cpu, cpu_limit=args.cpu_limit, memory_request=args.memory,
+        memory_limit=args.memory_limit, gpus=args.gpus, gpu_resource=args.gpu_resource,
         node_selector=dict(s.split("=", 1) for s in args.node_selector),
         tolerations=[parse_toleration(t) for t in args.toleration], retries=args.retries,
         caching=not args.no_cache)
@@ -131,15 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     pods = argparse.ArgumentParser(add_help=False)
     g = pods.add_argument_group("pods (fixed at compile time)")
     g.add_argument("--image", default=DEFAULT_IMAGE, help="the project image (Dockerfile); default %(default)s")
-    g.add_argument("--cpu", default="2", help="CPU request per stage")
-    g.add_argument("--cpu-limit", default=None, help="CPU limit (default: the request)")
-    g.add_argument("--memory", default="4G")
-    g.add_argument("--memory-limit", default=None, help="memory limit (default: the request)")
+    d = PodSettings()
+    g.add_argument("--cpu", default=d.cpu_request, help="CPU request per stage (default %(default)s)")
+    g.add_argument("--cpu-limit", default=d.cpu_limit, help="default %(default)s")
+    g.add_argument("--memory", default=d.memory_request, help="memory request (default %(default)s)")
+    g.add_argument("--memory-limit", default=d.memory_limit, help="default %(default)s")
     g.add_argument("--gpus", type=int, default=0, help="GPUs per training stage (pretrain, distill, prune)")
     g.add_argument("--gpu-resource", default="nvidia.com/gpu")
     g.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE")
     g.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]")
-    g.add_argument("--retries", type=int, default=2)
+    g.add_argument("--retries", type=int, default=d.retries, help="retries per task (default %(default)s)")
     g.add_argument("--no-cache", action="store_true", help="disable KFP caching")
 
     cluster = argparse.ArgumentParser(add_help=False)
