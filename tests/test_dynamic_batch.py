@@ -69,10 +69,10 @@ class MemoryCap(Callback):
 
 
 class GradientTrouble(Callback):
-    """At `step`, makes the gradients NaN ('nan') or 1e4 times larger ('spike')."""
+    """At `step` (to `last`), makes the gradients NaN ('nan') or 1e4 times larger ('spike')."""
 
-    def __init__(self, step, kind):
-        self.step, self.kind = step, kind
+    def __init__(self, step, kind, last=None):
+        self.step, self.kind, self.last = step, kind, last or step
         self.before = self.after = None
 
     def on_step_start(self, trainer):
@@ -80,7 +80,7 @@ class GradientTrouble(Callback):
             self.before = [p.detach().clone() for p in trainer.params]
 
     def on_after_backward(self, trainer):
-        if trainer.state.step + 1 == self.step:
+        if self.step <= trainer.state.step + 1 <= self.last:
             for p in trainer.params:
                 p.grad.mul_(1e4) if self.kind == "spike" else p.grad.fill_(math.nan)
 
@@ -203,6 +203,15 @@ def test_gradient_trouble_skips_the_update_and_shrinks(tmp_path, tiny_overrides,
     assert all(torch.equal(a, b) for a, b in zip(trouble.before, trouble.after))  # update skipped
 
 
+def test_a_lasting_rise_of_the_grad_norm_is_not_skipped_forever(tmp_path, tiny_overrides):
+    trouble = GradientTrouble(step=12, kind="spike", last=17)  # six large steps in a row
+    summary, records, _ = train(tmp_path, tiny_overrides + ["training.max_steps=17"] + dynamic(
+        initial_batch_size=4, target_batch_size=4, min_batch_size=1, stable_steps=100), [trouble])
+    skipped = [r["step"] for r in records if r.get("skipped_grad_spike")]
+    assert skipped == [12, 13, 14]  # the 4th step in a row is accepted as the new normal
+    assert changes(summary) == [(12, "grad_spike"), (13, "grad_spike")]  # 4 -> 2 -> 1 (the bound)
+
+
 # ------------------------------------------------------- constant global batch
 def test_constant_global_batch_matches_a_fixed_batch_run(tmp_path, tiny_overrides):
     base = tiny_overrides + ["training.batch_size=8", "training.max_steps=6", "training.eval_every_n_steps=0"]
@@ -266,6 +275,15 @@ def test_batch_state_resumes_from_a_checkpoint(tmp_path, tiny_overrides):
     for key in ("batch_size", "lr", "loss"):
         assert column(records, key) == pytest.approx(column(full_records, key)[4:], rel=1e-6), key
     assert changes(resumed) == changes(full) == [(3, "growth"), (6, "growth")]
+
+
+def test_resuming_in_the_other_mode_is_refused():
+    cfg = compose_config(dynamic(), run_dir="/tmp/x").dynamic_batch_size
+    saved = DynamicBatchSize(cfg).state_dict()
+    cfg.constant_global_batch = True
+    with pytest.raises(ConfigError) as err:
+        DynamicBatchSize(cfg).load_state_dict(saved)
+    assert err.value.key == "dynamic_batch_size.constant_global_batch"
 
 
 def test_state_dict_round_trips_through_json():

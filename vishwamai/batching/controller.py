@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from vishwamai.batching.oom import is_out_of_memory, release_memory, requested_memory, skip_repeated_buffer_sync
 from vishwamai.checkpoint.layout import step_name
 from vishwamai.config import DynamicBatchConfig
-from vishwamai.errors import InsufficientMemoryError
+from vishwamai.errors import ConfigError, InsufficientMemoryError
 from vishwamai.train.events import Callback
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 GRAD_NORM_WINDOW = 100  # recent trouble-free gradient norms kept for the spike median
 MIN_GRAD_HISTORY = 10  # spikes are judged only once this many norms are known
+MAX_SPIKES_IN_A_ROW = 3  # a higher norm that lasts longer is the new normal, not a spike
 MAX_EVENTS = 200  # size changes kept for summary.json
 
 
@@ -95,6 +96,7 @@ class DynamicBatchSize(Callback):
         self.grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
         self.lr_factor = 1.0
         self.failures: dict[int, int] = {}  # size -> times it ran out of memory
+        self.spikes_in_a_row = 0
         self.events: list[dict[str, Any]] = []
         self._restored = False
         self._local_shrinks = 0  # OOM shrinks on this rank during the current step
@@ -144,7 +146,13 @@ class DynamicBatchSize(Callback):
         # A non-finite norm here is an fp16 loss-scale overflow: the scaler's business, not ours.
         spike = (factor > 0 and math.isfinite(norm) and len(self.grad_norms) >= MIN_GRAD_HISTORY
                  and norm > factor * statistics.median(self.grad_norms))
-        if trainer.parallel.any(spike):
+        spike = trainer.parallel.any(spike)
+        self.spikes_in_a_row = self.spikes_in_a_row + 1 if spike else 0
+        if self.spikes_in_a_row > MAX_SPIKES_IN_A_ROW:
+            # Never skip forever: the norm has moved to a new level; learn it afresh.
+            self.grad_norms.clear()
+            self.spikes_in_a_row, spike = 0, False
+        if spike:
             trainer.skip_update = True
             trainer.metrics["skipped_grad_spike"] = 1
             self._trouble = "grad_spike"
@@ -182,10 +190,16 @@ class DynamicBatchSize(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"size": self.size, "stable": self.stable, "grad_norms": list(self.grad_norms),
                 "lr_factor": self.lr_factor, "failures": dict(self.failures), "events": list(self.events),
-                "constant_global_batch": self.constant}
+                "spikes_in_a_row": self.spikes_in_a_row, "constant_global_batch": self.constant}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if bool(state["constant_global_batch"]) != self.constant:
+            raise ConfigError("dynamic_batch_size.constant_global_batch",
+                              f"the checkpoint being resumed was trained with constant_global_batch="
+                              f"{str(bool(state['constant_global_batch'])).lower()}: resume with the same setting "
+                              "(the saved sizes mean different things in the two modes)")
         self.size, self.stable = int(state["size"]), int(state["stable"])
+        self.spikes_in_a_row = int(state["spikes_in_a_row"])
         self.grad_norms = deque(state["grad_norms"], maxlen=GRAD_NORM_WINDOW)
         self.lr_factor = float(state["lr_factor"])
         self.failures = {int(k): int(v) for k, v in state["failures"].items()}  # JSON keys are str
