@@ -35,9 +35,13 @@ def _distill(teacher: str) -> list[str]:
 def test_distilled_student_beats_the_same_student_trained_from_scratch(tmp_path, tiny_overrides, trained_teacher):
     student = tiny_overrides + STUDENT + ["training.max_steps=30"]
     scratch = run(compose_config(student, run_dir=str(tmp_path / "scratch")))
-    distilled = run(compose_config(student + _distill(trained_teacher), run_dir=str(tmp_path / "kd")))
+    # T=1, mostly KD: a teacher this young helps most through its sharp predictions (measured here:
+    # 3.756 vs 3.839 nats/token after 30 steps; T=2 with alpha=0.5 gains 0.03, with alpha=0.9 nothing).
+    distilled = run(compose_config(student + _distill(trained_teacher) + [
+        "distillation.teacher_model.temperature=1.0", "distillation.teacher_model.alpha=0.9"],
+        run_dir=str(tmp_path / "kd")))
     assert distilled["distillation_teachers"][0].startswith(trained_teacher)
-    assert distilled["final_val_loss"] < scratch["final_val_loss"] - 0.02, (distilled, scratch)
+    assert distilled["final_val_loss"] < scratch["final_val_loss"] - 0.04, (distilled, scratch)
 
 
 class Probe(Callback):
@@ -171,3 +175,18 @@ def test_bad_teacher_or_layers_fail_before_training_naming_the_key(tmp_path, tin
         assert info.value.key == key, (overrides, str(info.value))
         assert words in str(info.value), str(info.value)
         assert not (run_dir / "metrics.jsonl").exists(), "the error must come before any training step"
+
+
+@pytest.mark.slow
+def test_ddp_distillation_with_projections_matches_one_process(tmp_path, tiny_overrides, trained_teacher):
+    """2 ranks x batch 2 == 1 process x batch 4: the projections' gradients are averaged over ranks."""
+    from test_distributed import assert_same_trajectory, torchrun
+
+    overrides = tiny_overrides + STUDENT + _distill(trained_teacher) + [
+        "training.max_steps=4", "training.device=cpu", "distillation.feature_distillation.enabled=true",
+        "distillation.feature_distillation.layers=[0]", "distillation.embedding_distillation.enabled=true"]
+    run(compose_config(overrides + ["training.batch_size=4"], run_dir=str(tmp_path / "single")))
+    torchrun(overrides + ["training.batch_size=2", "distributed.strategy=data_parallel",
+                          f"run_dir={tmp_path / 'ddp'}"])
+    assert_same_trajectory(_records(tmp_path / "single"), _records(tmp_path / "ddp"),
+                           keys=("loss", "grad_norm", "loss_kd", "loss_feature", "loss_embedding", "val_loss"))
