@@ -20,6 +20,7 @@ from components import DEFAULT_IMAGE, build_components
 
 PIPELINE_NAME = "vishwamai-compress"
 STAGE_ORDER = ("pretrain", "distill", "prune", "quantize", "evaluate")
+IMAGE_UID = 10001  # USER in the Dockerfile
 DEFAULT_STUDENT = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4"]
 
 
@@ -42,6 +43,8 @@ class PodSettings:
     timeout_s: int = 0  # 0 = none
 
     def apply(self, task: dsl.PipelineTask, gpu: bool) -> dsl.PipelineTask:
+        # The image's own non-root user (Dockerfile); KFP adds no privilege escalation, drops capabilities.
+        kubernetes.set_security_context(task, run_as_user=IMAGE_UID, run_as_group=IMAGE_UID, run_as_non_root=True)
         task.set_cpu_request(self.cpu_request).set_cpu_limit(self.cpu_limit)
         task.set_memory_request(self.memory_request).set_memory_limit(self.memory_limit)
         if gpu and self.gpus > 0:

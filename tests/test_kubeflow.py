@@ -93,6 +93,8 @@ def test_parameters_image_resources_retries_and_scheduling(compiled):
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     assert all(e["nodeSelector"]["labels"] == {"pool": "gpu"} for e in k8s.values())
     assert all(e["tolerations"][0]["key"] == "nvidia.com/gpu" for e in k8s.values())
+    assert all(e["securityContext"]["runAsNonRoot"] is True and int(e["securityContext"]["runAsUser"]) >= 10000
+               for e in k8s.values())
 
 
 def test_cli_compile_writes_the_ir(tmp_path):
@@ -100,7 +102,8 @@ def test_cli_compile_writes_the_ir(tmp_path):
     cli_main(["compile", "--output", str(out), "--image", "img:7", "--no-cache", "--retries", "0"])
     spec, platform = load_compiled(out)
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == set(STAGE_ORDER) and platform == {}
+    assert set(tasks) == set(STAGE_ORDER)
+    assert all(set(e) == {"securityContext"} for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
     assert all("retryPolicy" not in t or t["retryPolicy"].get("maxRetryCount", 0) == 0 for t in tasks.values())
     assert not any(t["cachingOptions"].get("enableCache") for t in tasks.values())
 
