@@ -275,3 +275,9 @@ def test_fp16_loss_scaling_with_sharding_is_refused(tiny_cfg):
     tiny_cfg.amp.enabled, tiny_cfg.amp.dtype = True, "float16"
     with pytest.raises(NotImplementedYet, match="amp.dtype=float16"):
         build_parallelism(tiny_cfg)
+
+
+def test_several_processes_without_a_strategy_are_refused(tiny_cfg, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="distributed.strategy.*WORLD_SIZE"):
+        build_parallelism(tiny_cfg)

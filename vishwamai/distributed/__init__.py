@@ -10,11 +10,13 @@ re-runs itself through torch's elastic launcher: distributed/launch.py).
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
 
 from vishwamai.config import VishwamaiConfig
+from vishwamai.errors import ConfigError
 
 
 class Parallelism:
@@ -88,6 +90,10 @@ class Parallelism:
 def build_parallelism(cfg: VishwamaiConfig) -> Parallelism:
     strategy = cfg.distributed.strategy
     if strategy == "none":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # N independent copies would train the same thing into one run directory
+            raise ConfigError("distributed.strategy", f"none, but the launcher started {world} processes "
+                                                      "(WORLD_SIZE); use data_parallel or model_parallel")
         return Parallelism()
     if strategy == "data_parallel":
         from vishwamai.distributed.ddp import DataParallel
