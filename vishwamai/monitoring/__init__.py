@@ -18,11 +18,16 @@ __all__ = ["BackgroundSink", "JsonlSink", "MetricSink", "MetricsLogger", "Progre
 
 
 def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
-    sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
     mon = cfg.monitoring
+    wandb = mon.enabled and mon.wandb.enabled
+    if wandb:  # first: a missing package fails before anything is written
+        from vishwamai.monitoring.wandb_sink import require_wandb
+
+        require_wandb()
+    sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
     if not mon.enabled:
         return sinks
-    if mon.wandb.enabled:  # first: a missing package fails before anything starts
+    if wandb:
         from vishwamai.monitoring.wandb_sink import WandbSink
 
         sinks.append(WandbSink(cfg, run_dir))
@@ -45,7 +50,7 @@ def build_monitoring(cfg: VishwamaiConfig, run_dir: Path) -> list:
     logger = MetricsLogger(build_sinks(cfg, run_dir), every, figures)
     callbacks: list = []
     if mon.enabled:
-        callbacks.append(GradGroupNorms(every))
+        callbacks.append(GradGroupNorms())
         if mon.histogram_every_n_steps:
             callbacks.append(Histograms(logger, mon.histogram_every_n_steps))
         if mon.profile:

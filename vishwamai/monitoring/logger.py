@@ -123,8 +123,20 @@ class BackgroundSink(SinkBase):
         return self.inner.summary()
 
 
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric entries of a record, for backends that take only numbers (MFU may be None)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def is_log_step(step: int, every: int, max_steps: int) -> bool:
     return step % every == 0 or step == max_steps
+
+
+def will_be_logged(step: int, cfg) -> bool:
+    """Whether the record of `step` will be written: a log step or an evaluation step."""
+    t = cfg.training
+    return is_log_step(step, t.log_every_n_steps, t.max_steps) or bool(
+        t.eval_every_n_steps and step % t.eval_every_n_steps == 0)
 
 
 # A figure source: (trainer, record so far) -> more figures for the record (perplexity, MFU, memory).

@@ -17,8 +17,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from vishwamai.monitoring.tensorboard import scalars
-from vishwamai.monitoring.logger import SinkBase
+from vishwamai.monitoring.logger import SinkBase, scalars
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow >= 2.12

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from vishwamai.monitoring.logger import MetricsLogger, is_log_step
+from vishwamai.monitoring.logger import MetricsLogger, will_be_logged
 from vishwamai.train.events import Callback
 
 # Dense bf16 tensor-core peak of one device, FLOP/s (vendor data sheets; SXM parts).
@@ -129,13 +129,12 @@ def _loss_scale(trainer) -> float:
 class GradGroupNorms(Callback):
     """grad_norm/<group>: the gradient norm of each parameter group, on logged steps only."""
 
-    def __init__(self, every_n_steps: int):
-        self.every = every_n_steps
+    def __init__(self):
         self._groups: Optional[dict[str, list[torch.nn.Parameter]]] = None
 
     def on_after_backward(self, trainer) -> None:
         step = trainer.state.step + 1  # the step being taken
-        if not is_log_step(step, self.every, trainer.cfg.training.max_steps):
+        if not will_be_logged(step, trainer.cfg):
             return
         if self._groups is None:
             self._groups = {}

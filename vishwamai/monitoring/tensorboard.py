@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vishwamai.monitoring.logger import SinkBase
+from vishwamai.monitoring.logger import SinkBase, scalars
 
 
 def tag(key: str) -> str:
@@ -18,12 +18,6 @@ def tag(key: str) -> str:
     if key.startswith("val_"):
         return "val/" + key[len("val_"):]
     return "train/" + key
-
-
-def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries (MFU is None where the device peak is unknown)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, bool)) and not isinstance(v, str) and v is not None}
 
 
 class TensorBoardSink(SinkBase):

@@ -10,8 +10,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from vishwamai.errors import ConfigError
-from vishwamai.monitoring.logger import SinkBase
-from vishwamai.monitoring.tensorboard import scalars
+from vishwamai.monitoring.logger import SinkBase, scalars
 
 
 def require_wandb() -> None:

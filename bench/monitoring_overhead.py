@@ -1,0 +1,89 @@
+"""The per-step cost of monitoring: trainer steps/s with monitoring off vs on (defaults:
+TensorBoard + MLflow, every training.log_every_n_steps=10 steps), interleaved in one process.
+
+Steps/s is timed between on_step_end events, so it includes the callbacks (grad-group
+norms, figures, queueing records) and not just the step.  The MLflow store is created once
+up front (its creation, seconds, is a start-up cost measured separately) so that the timed
+window is the steady state.
+
+    python bench/monitoring_overhead.py [--steps 40] [--rounds 3]
+
+Model: 2 layers, 128 wide, sequence 128, batch 8 (small: the fixed per-record cost weighs most).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _harness import interleave, median, record  # noqa: E402
+
+from vishwamai.train.events import Callback  # noqa: E402
+from vishwamai.training_v2 import compose_config, run  # noqa: E402
+
+WARMUP = 5
+MODEL = ["model.d_model=128", "model.n_layers=2", "model.n_heads=2", "data.seq_len=128", "training.batch_size=8"]
+
+
+class StepClock(Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_end(self, trainer) -> None:
+        self.times.append(time.perf_counter())
+
+
+def steps_per_s(steps: int, tmp: Path, extra: list[str]) -> dict:
+    clock = StepClock()
+    overrides = [*MODEL, f"training.max_steps={steps + WARMUP + 1}", "training.eval_every_n_steps=0",
+                 "training.eval_batches=1", "training.progress_bar=false", "training.log_every_n_steps=10",
+                 "monitoring.report=false", *extra]
+    run(compose_config(overrides, run_dir=str(tmp / f"r{time.monotonic_ns()}")), extra_callbacks=[clock])
+    # Steps WARMUP..last-1: the last step also evaluates.
+    window = clock.times[WARMUP:-1]
+    return {"steps_per_s": (len(window) - 1) / (window[-1] - window[0])}
+
+
+def store_creation_s(tmp: Path) -> float:
+    from mlflow.tracking import MlflowClient
+
+    start = time.perf_counter()
+    MlflowClient(tracking_uri=f"sqlite:///{tmp / 'fresh.db'}").search_experiments()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    tmp = Path("/tmp/vishwamai_bench_monitoring") / str(time.monotonic_ns())
+    tmp.mkdir(parents=True)
+    import_start = time.perf_counter()
+    import mlflow  # noqa: F401
+
+    import_s = time.perf_counter() - import_start
+    create_s = store_creation_s(tmp)
+    uri = f"sqlite:///{tmp / 'fresh.db'}"  # already created: the timed runs see the steady state
+    variants = {
+        "monitoring off": lambda: steps_per_s(args.steps, tmp, ["monitoring.enabled=false"]),
+        "monitoring on (defaults)": lambda: steps_per_s(
+            args.steps, tmp, ["monitoring.enabled=true", f"monitoring.mlflow.tracking_uri={uri}"]),
+    }
+    results = interleave(variants, args.rounds)
+    base = median([r["steps_per_s"] for r in results["monitoring off"]])
+    lines = ["| variant | steps/s | ratio to off |", "|---|---|---|"]
+    for name, rs in results.items():
+        values = [r["steps_per_s"] for r in rs]
+        lines.append(f"| {name} | {median(values):.3f} (±{(max(values) - min(values)) / 2 / median(values):.1%}) "
+                     f"| {median(values) / base:.3f} |")
+    lines += ["", f"start-up, paid once per run on a background thread: import mlflow {import_s:.1f} s, "
+                  f"create a new sqlite store {create_s:.1f} s"]
+    record(f"monitoring overhead, {args.steps} steps x {args.rounds} rounds, log every 10 steps", lines)
+
+
+if __name__ == "__main__":
+    main()
