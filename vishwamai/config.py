@@ -295,7 +295,7 @@ class PruningConfig:
 class QuantizationConfig:
     enabled: bool = False
     precision: str = "int8"
-    # dynamic (int8 activations at run time) | weight_only (fp32 activations, int8 weights)
+    # dynamic (int8 activations at run time) | weight_only (int8 weights, activations not quantized)
     mode: str = "dynamic"
     calibration_steps: int = 100
 

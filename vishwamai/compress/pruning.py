@@ -241,6 +241,7 @@ class GradualPruning(Callback):
     def on_step_end(self, trainer) -> None:
         step, c = trainer.state.step, self.cfg
         if not is_update_step(step, begin=c.begin_step, end=c.end_step, frequency=c.frequency):
+            apply_masks(self._params, self.masks)  # cheap; covers optimizer wrappers that skip step hooks
             return
         self.scheduled = sparsity_at(step, target=c.target_sparsity, initial=c.initial_sparsity,
                                      begin=c.begin_step, end=c.end_step, schedule=c.pruning_schedule)
