@@ -281,3 +281,36 @@ def test_several_processes_without_a_strategy_are_refused(tiny_cfg, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="distributed.strategy.*WORLD_SIZE"):
         build_parallelism(tiny_cfg)
+
+
+def test_accumulation_all_reduces_only_on_the_last_micro_batch(tiny_cfg, monkeypatch):
+    """A one-rank Gloo group in this process: count DDP's gradient all-reduces per step."""
+    import torch.distributed as dist
+
+    from vishwamai.distributed.ddp import DataParallel
+
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(key, value)
+    tiny_cfg.training.device = "cpu"
+    tiny_cfg.distributed.strategy = "data_parallel"
+    parallel = DataParallel(tiny_cfg)
+    try:
+        model = parallel.wrap(torch.nn.Linear(4, 1))
+        calls = []
+
+        def counting_hook(state, bucket):
+            calls.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        model.register_comm_hook(None, counting_hook)
+        for i in range(3):
+            with parallel.accumulation_context(model, is_last_micro_batch=i == 2):
+                model(torch.randn(2, 4)).sum().backward()
+            assert len(calls) == (1 if i == 2 else 0)
+        assert parallel.any(False) is False and parallel.any(True) is True
+    finally:
+        parallel.shutdown()
+    assert not dist.is_initialized()
