@@ -31,6 +31,8 @@ class Parallelism:
     # Only the optimizer state is split over ranks (ZeRO): optimizer.state_dict() is
     # not available locally, checkpoints with optimizer state must be sharded too.
     shards_optimizer = False
+    # Ranks one copy of the parameters is split over (FSDP's shard group; 1 = full copy).
+    shard_size = 1
 
     @property
     def is_main(self) -> bool:

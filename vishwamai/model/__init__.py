@@ -41,9 +41,13 @@ def _human(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def check_fits(cfg: ModelConfig, device: torch.device, world_size: int = 1, sharded: bool = False) -> None:
-    """Fail fast, before allocating, if weights + grads + optimizer state cannot fit."""
-    need = training_memory_bytes(cfg) // (world_size if sharded else 1)
+def check_fits(cfg: ModelConfig, device: torch.device, shards: int = 1) -> None:
+    """Fail fast, before allocating, if weights + grads + optimizer state cannot fit.
+
+    `shards`: how many ranks one copy of the training state is split over (FSDP's
+    shard-group size; 1 when every rank holds a full copy).
+    """
+    need = training_memory_bytes(cfg) // shards
     have = available_memory_bytes(device)
     if need > have:
         raise InsufficientMemoryError(
