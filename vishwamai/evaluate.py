@@ -47,7 +47,7 @@ def evaluate_one(directory: str | Path, data_cfg: DataConfig, eval_batches: int,
     loss = validation_loss(model, val, seq_len, batch_size, eval_batches)
     return {
         "path": str(d),
-        "kind": "int8 " + json.loads((d / "quantization.json").read_text())["mode"] if is_quantized_dir(d) else "fp32",
+        "kind": ("int8 " + json.loads((d / "quantization.json").read_text())["mode"]) if is_quantized_dir(d) else "fp32",
         **stored_weight_counts(d),
         "size_bytes": size_on_disk(d),
         "ms_per_token": latency_ms_per_token(model, model_cfg.vocab_size),
@@ -72,11 +72,12 @@ def plot(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
 
-    keys = [(k, t) for k, t, _ in COLUMNS if k != "val_perplexity"]
+    keys = [(k, t, f) for k, t, f in COLUMNS if k != "val_perplexity"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     names = list(results)
-    for ax, (key, title) in zip(axes, keys):
-        ax.bar(names, [results[n][key] for n in names], color=[f"C{i}" for i in range(len(names))])
+    for ax, (key, title, fmt) in zip(axes, keys):
+        bars = ax.bar(names, [results[n][key] for n in names], color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, fmt=fmt, fontsize=7)  # the figures themselves: close losses look alike as bars
         ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         ax.tick_params(axis="y", labelsize=8)

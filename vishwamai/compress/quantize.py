@@ -16,6 +16,7 @@ See int8.py for the kernels and the calibration.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -234,8 +235,6 @@ class PostTrainingQuantization(Callback):
         model, model_cfg = trainer.raw_model, as_model_config(self.cfg.model)
         if self.pruning is not None and self.pruning.final_model is not None:
             model, model_cfg = self.pruning.final_model, self.pruning.final_model_cfg
-        import copy
-
         report = quantize_and_report(copy.deepcopy(model), model_cfg, self.run_dir / QUANTIZED_DIR, q.mode,
                                      q.calibration_steps, trainer.val_tokens, trainer.sampler.seq_len,
                                      t.batch_size, t.eval_batches)
