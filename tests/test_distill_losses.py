@@ -106,3 +106,13 @@ def test_attention_with_different_head_counts_compares_head_averages():
 ])
 def test_uniform_layer_map(n_student, n_teacher, expected):
     assert [uniform_layer_map(i, n_student, n_teacher) for i in range(n_student)] == expected
+
+
+def test_normalized_mse_compares_directions_not_scales():
+    s = torch.tensor([[[3.0, 4.0]]])  # RMS = sqrt(12.5)
+    t = torch.tensor([[[30.0, 40.0]]])  # same direction, 10x the scale
+    assert representation_loss(s, t, "mse", normalize=True).item() == pytest.approx(0.0, abs=1e-6)
+    assert representation_loss(s, t, "mse").item() == pytest.approx((27 ** 2 + 36 ** 2) / 2)
+    # [1, 0] -> [sqrt(2), 0]; [0, 1] -> [0, sqrt(2)]: squared differences 2, 2 -> mean 2.
+    s2, t2 = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 5.0]]])
+    assert representation_loss(s2, t2, "mse", normalize=True).item() == pytest.approx(2.0, rel=1e-5)

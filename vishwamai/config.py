@@ -247,6 +247,8 @@ class FeatureDistillationConfig:
     teacher_layers: Optional[list[int]] = None
     loss_weight: float = 0.1
     loss: str = "mse"  # mse | cosine
+    # MSE of RMS-normalised hidden states (scale-free); false = raw MSE.
+    normalize: bool = True
 
 
 @dataclass
@@ -263,6 +265,7 @@ class HiddenDistillationConfig:
     enabled: bool = False
     loss_weight: float = 0.1
     loss: str = "mse"  # mse | cosine
+    normalize: bool = True  # as feature_distillation.normalize
 
 
 @dataclass

@@ -37,6 +37,7 @@ class Distillation(Callback):
         self.weights = {kind: s.loss_weight for kind, s in sections.items() if s.enabled}
         # The embedding loss is always cosine: embedding scales differ between models.
         self.kinds = {kind: getattr(s, "loss", "cosine") for kind, s in sections.items() if s.enabled}
+        self.normalize = {kind: getattr(s, "normalize", False) for kind, s in sections.items() if s.enabled}
         wants_hidden = any(kind in self.weights for kind in ("feature", "hidden", "embedding"))
         # The extra outputs are computed only when a loss needs them (hidden states are cheap,
         # attention maps disable the fused attention kernel).
@@ -82,7 +83,8 @@ class Distillation(Callback):
                       for p in pairs]
         else:
             losses = [representation_loss(self._project(k, p.student, student.hidden_states[p.student]),
-                                          teacher.hidden_states[p.teacher], self.kinds[kind]) for p in pairs]
+                                          teacher.hidden_states[p.teacher], self.kinds[kind], self.normalize[kind])
+                      for p in pairs]
         return sum(losses) / len(losses)
 
     def _project(self, k: int, index: int, hidden: torch.Tensor) -> torch.Tensor:

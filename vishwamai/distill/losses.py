@@ -2,7 +2,8 @@
 
   kd_loss            T^2 * KL(teacher || student) of temperature-softened next-token distributions,
                      mean over positions; teachers of an ensemble are mixed as weighted probabilities
-  representation_loss  MSE or (1 - cosine similarity) between two (batch, seq, width) tensors
+  representation_loss  MSE (optionally of RMS-normalised vectors) or (1 - cosine similarity) between
+                     two (batch, seq, width) tensors
   attention_loss     KL or MSE between attention maps; different head counts are averaged over heads
 """
 
@@ -49,9 +50,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: Sequence[torch.Tensor]
     return temperature ** 2 * total / n_positions
 
 
-def representation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
-    """mse: mean squared difference over all elements; cosine: mean over positions of 1 - cos(s, t)."""
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / RMS(x) over the width: each position's vector rescaled to unit mean square."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def representation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str,
+                        normalize: bool = False) -> torch.Tensor:
+    """mse: mean squared difference over all elements; cosine: mean over positions of 1 - cos(s, t).
+
+    normalize: compare RMS-normalised vectors (MSE only; cosine is scale-free already). The
+    residual stream of a pre-norm transformer grows with depth and training, so a raw MSE would
+    be dominated by the teacher's scale rather than by where its representation points.
+    """
     student, teacher = student.float(), teacher.float()
+    if normalize:
+        student, teacher = rms_normalize(student), rms_normalize(teacher)
     if kind == "mse":
         return F.mse_loss(student, teacher)
     if kind == "cosine":
