@@ -190,3 +190,30 @@ def test_ddp_distillation_with_projections_matches_one_process(tmp_path, tiny_ov
                           f"run_dir={tmp_path / 'ddp'}"])
     assert_same_trajectory(_records(tmp_path / "single"), _records(tmp_path / "ddp"),
                            keys=("loss", "grad_norm", "loss_kd", "loss_feature", "loss_embedding", "val_loss"))
+
+
+def test_cli_bad_teacher_exits_non_retryable_naming_the_key(tmp_path, tiny_overrides):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vishwamai.training_v2", *tiny_overrides, "distillation.enabled=true",
+                           f"distillation.teacher_model.path={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "distillation.teacher_model.path" in proc.stderr and "nope" in proc.stderr
+
+
+@pytest.mark.slow
+def test_longer_distillation_with_features_beats_scratch(tmp_path, tiny_overrides):
+    """A stronger teacher (150 steps) and 60 student steps, logit KD plus normalised feature MSE."""
+    teacher = tmp_path / "teacher"
+    run(compose_config(tiny_overrides + ["training.max_steps=150", "training.eval_every_n_steps=0",
+                                         "training.optimizer.lr=3e-3", "checkpointing.save_best=false"],
+                       run_dir=str(teacher)))
+    student = tiny_overrides + STUDENT + ["training.max_steps=60"]
+    scratch = run(compose_config(student, run_dir=str(tmp_path / "scratch")))
+    distilled = run(compose_config(student + _distill(str(teacher)) + ALL_LOSSES[:1] + [
+        "distillation.teacher_model.temperature=1.0", "distillation.teacher_model.alpha=0.9",
+        "distillation.feature_distillation.layers=[0]"],
+        run_dir=str(tmp_path / "kd")))
+    assert distilled["final_val_loss"] < scratch["final_val_loss"] - 0.02, (distilled, scratch)
