@@ -116,3 +116,29 @@ def test_normalized_mse_compares_directions_not_scales():
     # [1, 0] -> [sqrt(2), 0]; [0, 1] -> [0, sqrt(2)]: squared differences 2, 2 -> mean 2.
     s2, t2 = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 5.0]]])
     assert representation_loss(s2, t2, "mse", normalize=True).item() == pytest.approx(2.0, rel=1e-5)
+
+
+def test_kd_softmaxes_never_span_more_than_one_chunk():
+    """Memory-lean KD: every (log-)softmax, forward and recomputed in backward, covers one chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SoftmaxShapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "softmax" in func.__name__:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    student = torch.randn(2, 10, 50, requires_grad=True)
+    teacher = torch.randn(2, 10, 50)
+    with SoftmaxShapes() as mode:
+        kd_loss(student, [teacher], 2.0, chunk_size=4).backward()
+    assert mode.shapes, "no softmax seen"
+    assert max(shape[1] for shape in mode.shapes) == 4
+    with SoftmaxShapes() as whole:
+        kd_loss(student, [teacher], 2.0, chunk_size=10).backward()
+    assert max(shape[1] for shape in whole.shapes) == 10  # the probe sees full-width softmaxes when unchunked
