@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vishwamai.distill.losses import attention_loss, kd_loss, representation_loss
-from vishwamai.distill.plan import KINDS, Pair, projection_key
+from vishwamai.distill.plan import KINDS, REPRESENTATION_KINDS, Pair, projection_key
 from vishwamai.distill.teachers import Teacher
 from vishwamai.errors import CheckpointError
 from vishwamai.train.events import Callback
@@ -38,7 +38,7 @@ class Distillation(Callback):
         # The embedding loss is always cosine: embedding scales differ between models.
         self.kinds = {kind: getattr(s, "loss", "cosine") for kind, s in sections.items() if s.enabled}
         self.normalize = {kind: getattr(s, "normalize", False) for kind, s in sections.items() if s.enabled}
-        wants_hidden = any(kind in self.weights for kind in ("feature", "hidden", "embedding"))
+        wants_hidden = any(kind in self.weights for kind in REPRESENTATION_KINDS)
         # The extra outputs are computed only when a loss needs them (hidden states are cheap,
         # attention maps disable the fused attention kernel).
         self.model_outputs = {key: True for key, on in (("output_hidden_states", wants_hidden),
