@@ -310,3 +310,31 @@ def test_evaluate_models_compares_stages(trained, tmp_path):
     assert all(f"| {name} |" in table for name in report)
     assert (out / "evaluation.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["--model", "broken", "--output", str(out)]) == 2
+
+
+def test_calibrated_scales_lower_output_error_than_absmax():
+    from vishwamai.compress.int8 import absmax_scales, calibrated_scales, quantize_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    w[:, 0] *= 20  # outliers: clipping them pays off when their input feature is small
+    x = torch.randn(512, 64)
+    x[:, 0] *= 0.01
+    gram = x.T @ x
+
+    def output_error(scale):
+        return ((x @ (w - quantize_rows(w, scale).float() * scale[:, None]).T) ** 2).sum(0)
+
+    calibrated, plain = output_error(calibrated_scales(w, gram)), output_error(absmax_scales(w))
+    assert (calibrated <= plain + 1e-6).all() and calibrated.sum() < 0.9 * plain.sum()
+    assert torch.equal(calibrated_scales(w, None), absmax_scales(w))
+
+
+def test_compression_refuses_sharded_models(tmp_path, tiny_overrides):
+    from vishwamai.compress import build_compression
+    from vishwamai.errors import NotImplementedYet
+    from vishwamai.training_v2 import compose_config
+
+    cfg = compose_config(tiny_overrides + pruning_overrides() + ["distributed.strategy=model_parallel"], str(tmp_path))
+    with pytest.raises(NotImplementedYet, match="distillation.pruning.enabled"):
+        build_compression(cfg, tmp_path)
