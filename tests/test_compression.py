@@ -338,3 +338,16 @@ def test_compression_refuses_sharded_models(tmp_path, tiny_overrides):
     cfg = compose_config(tiny_overrides + pruning_overrides() + ["distributed.strategy=model_parallel"], str(tmp_path))
     with pytest.raises(NotImplementedYet, match="distillation.pruning.enabled"):
         build_compression(cfg, tmp_path)
+
+
+def test_pruning_and_quantization_with_distillation(trained, tmp_path, tiny_overrides):
+    from vishwamai.training_v2 import compose_config, run
+
+    teacher, _ = trained
+    summary = run(compose_config(tiny_overrides + pruning_overrides(begin_step=2, end_step=6) + [
+        "training.max_steps=8", "distillation.enabled=true", f"distillation.teacher_model.path={teacher}",
+        "model.n_layers=1", "distillation.quantization.enabled=true", "distillation.quantization.calibration_steps=2"],
+        run_dir=str(tmp_path / "student")))
+    assert summary["distillation_teachers"] and summary["sparsity"] == 0.5
+    assert abs(summary["quantized_val_loss"] - summary["fp32_val_loss"]) < LOSS_TOLERANCE
+    assert json.loads((tmp_path / "student" / "quantized" / "model_config.json").read_text())["n_layers"] == 1
