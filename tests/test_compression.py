@@ -351,3 +351,17 @@ def test_pruning_and_quantization_with_distillation(trained, tmp_path, tiny_over
     assert summary["distillation_teachers"] and summary["sparsity"] == 0.5
     assert abs(summary["quantized_val_loss"] - summary["fp32_val_loss"]) < LOSS_TOLERANCE
     assert json.loads((tmp_path / "student" / "quantized" / "model_config.json").read_text())["n_layers"] == 1
+
+
+def test_preempted_run_leaves_end_products_to_the_resumed_run(tmp_path, tiny_overrides):
+    from vishwamai.training_v2 import compose_config, run
+
+    class Preempt(Callback):  # what CheckpointManager does on SIGTERM (tested for real in test_checkpoint.py)
+        def on_step_end(self, trainer):
+            if trainer.state.step == 3:
+                trainer.should_stop, trainer.summary["preempted"] = True, True
+
+    summary = run(compose_config(tiny_overrides + pruning_overrides() + ["distillation.quantization.enabled=true"],
+                                 run_dir=str(tmp_path / "run")), extra_callbacks=[Preempt()])
+    assert summary["steps"] == 3 and "quantized_model" not in summary and "sparsity" not in summary
+    assert not (tmp_path / "run" / "pruned").exists() and not (tmp_path / "run" / "quantized").exists()

@@ -67,7 +67,10 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ConfigError("--output", "evaluation.png needs matplotlib: pip install 'vishwamai[monitoring]'") from e
 
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt

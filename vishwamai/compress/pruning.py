@@ -254,6 +254,8 @@ class GradualPruning(Callback):
 
     def on_train_end(self, trainer) -> None:
         self._remove_hook()
+        if trainer.summary.get("preempted"):  # the run resumes later: no end products in the grace period
+            return
         apply_masks(self._params, self.masks)  # permanent: the weights themselves are zero
         report = sparsity_report(self._params, list(self.masks))
         report["sparsity_target"] = self.scheduled

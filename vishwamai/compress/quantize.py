@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save, save_file
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, as_model_config, read_model_config
 from vishwamai.compress.int8 import (MODES, GramCollector, Int8Embedding, calibrated_scales, int8_linear,
                                      quantize_rows)
-from vishwamai.compress.measure import (QUANT_META_FILE, QUANT_WEIGHTS_FILE, latency_ms_per_token,
+from vishwamai.compress.measure import (QUANT_META_FILE, QUANT_WEIGHTS_FILE, is_quantized_dir, latency_ms_per_token,
                                         resolve_model_dir, size_on_disk, validation_loss)
 from vishwamai.config import DataConfig
 from vishwamai.errors import CheckpointError, ConfigError
@@ -213,6 +213,8 @@ def quantize_model_dir(model_dir: str | Path, output_dir: str | Path, mode: str 
     if calibration_steps < 0:
         raise ConfigError("calibration_steps", f"must be >= 0, got {calibration_steps}")
     source = resolve_model_dir(model_dir)
+    if is_quantized_dir(source):
+        raise CheckpointError(f"{source} is already quantized; give the fp32 model it came from")
     model_cfg = read_model_config(source)
     val, seq_len = load_validation(data_cfg, model_cfg)
     report = quantize_and_report(load_model(source), model_cfg, output_dir, mode, calibration_steps, val, seq_len)
@@ -229,7 +231,7 @@ class PostTrainingQuantization(Callback):
         self.cfg, self.run_dir, self.pruning = cfg, Path(run_dir), pruning
 
     def on_train_end(self, trainer) -> None:
-        if not trainer.is_main:
+        if not trainer.is_main or trainer.summary.get("preempted"):  # preempted: quantize when it resumes and ends
             return
         q, t = self.cfg.distillation.quantization, self.cfg.training
         model, model_cfg = trainer.raw_model, as_model_config(self.cfg.model)
