@@ -129,18 +129,19 @@ def test_report_png_and_markdown(monitored_run):
     assert f"## Last logged step ({records(run_dir)[-1]['step']})" in md
 
 
-def test_report_cli(tmp_path):
+def test_report_cli(tmp_path, capsys):
+    from vishwamai.report import main
+
     lines = [{"step": s, "loss": 5 - s / 10, "lr": 1e-3, "tokens_per_s": 1000 + s, "batch_size": 4,
               "micro_batch_size": 4} for s in range(1, 21)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    proc = subprocess.run([sys.executable, "-m", "vishwamai.report", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    main([str(tmp_path)])  # = python -m vishwamai.report RUN_DIR / vishwamai-report RUN_DIR
+    assert str(tmp_path / "report.png") in capsys.readouterr().out
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert "| loss | 3 |" in (tmp_path / "report.md").read_text()
-    missing = subprocess.run([sys.executable, "-m", "vishwamai.report", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "metrics.jsonl" in missing.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "nope")])
+    assert exit_.value.code == 2 and "metrics.jsonl" in capsys.readouterr().err
 
 
 def test_disabled_backends_are_never_imported(tmp_path, tiny_overrides):

@@ -22,6 +22,10 @@ from vishwamai.monitoring.logger import SinkBase, scalars
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow >= 2.12
 BATCH_PARAMS = 100  # log_batch accepts at most 100 params per call
+BATCH_METRICS = 1000  # ... and at most 1000 metrics
+# Records are written at most this often (and at the end): one database commit costs tens of ms
+# of CPU (much of it holding the GIL), too much to pay on every record of a fast run.
+FLUSH_EVERY_S = 10.0
 CHECKPOINT_KEYS = ("final_checkpoint", "best_checkpoint", "latest_checkpoint")
 
 
@@ -56,6 +60,8 @@ class MlflowSink(SinkBase):
         self.parent = (parent.info.run_id, parent.info.experiment_id) if parent else None
         self.client = None
         self.run_id: Optional[str] = None
+        self._pending: list = []
+        self._flushed_at = time.monotonic()
 
     # Runs on the BackgroundSink's thread.
     def start(self, trainer) -> None:
@@ -90,12 +96,20 @@ class MlflowSink(SinkBase):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, v, now, step) for k, v in scalars(metrics).items() if math.isfinite(v)]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._pending += [Metric(k, v, now, step) for k, v in scalars(metrics).items() if math.isfinite(v)]
+        if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self._flush()
+
+    def _flush(self) -> None:
+        for i in range(0, len(self._pending), BATCH_METRICS):
+            self.client.log_batch(self.run_id, metrics=self._pending[i:i + BATCH_METRICS])
+        self._pending = []
+        self._flushed_at = time.monotonic()
 
     def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None:
         if self.run_id is None:
             return
+        self._flush()
         for key in CHECKPOINT_KEYS:
             if summary and summary.get(key):
                 self.client.set_tag(self.run_id, f"vishwamai.{key}", str(summary[key]))

@@ -152,7 +152,8 @@ class GradGroupNorms(Callback):
         grads = [_local(p.grad) for p in params if p.grad is not None]
         if not grads:
             return torch.zeros((), dtype=torch.float32, device=params[0].device)
-        return torch.stack([g.float().square().sum() for g in grads]).sum()
+        # One fused kernel per group (as clip_grad_norm_ does); norms in float32.
+        return torch.stack(torch._foreach_norm(grads)).float().square().sum()
 
 
 class Histograms(Callback):
