@@ -220,7 +220,6 @@ class DistributedConfig:
     max_restarts: int = 0
 
 
-
 # --------------------------------------------------------------------- distillation
 @dataclass
 class TeacherConfig:
@@ -510,20 +509,6 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(tu.timeout_s is None or tu.timeout_s > 0, "tuning.timeout_s", "must be > 0 or null")
 
 
-def _validate_monitoring(cfg: DictConfig | VishwamaiConfig) -> None:
-    mo = cfg.monitoring
-    _check(mo.histogram_every_n_steps >= 0, "monitoring.histogram_every_n_steps", "must be >= 0 (0 = never)")
-    if mo.histogram_every_n_steps:
-        _check(mo.enabled and mo.tensorboard.enabled, "monitoring.histogram_every_n_steps",
-               "histograms are written to TensorBoard: needs monitoring.enabled=true and "
-               "monitoring.tensorboard.enabled=true")
-    _check(mo.profile_start >= 0, "monitoring.profile_start", "must be >= 0")
-    _check(mo.profile_steps > 0, "monitoring.profile_steps", "must be > 0")
-    _check(not mo.profile or mo.enabled, "monitoring.profile", "needs monitoring.enabled=true")
-    _check(mo.peak_flops_per_s is None or mo.peak_flops_per_s > 0, "monitoring.peak_flops_per_s",
-           "must be > 0 or null")
-
-
 def _validate_distillation(ds: DistillationConfig) -> None:
     """Static checks; the teacher files and layer ranges are checked by vishwamai.distill's builder."""
     tm = ds.teacher_model
@@ -547,6 +532,20 @@ def _validate_distillation(ds: DistillationConfig) -> None:
     _check(f.teacher_layers is None or len(f.teacher_layers) == len(f.layers),
            "distillation.feature_distillation.teacher_layers",
            f"needs one teacher block per student layer ({len(f.layers)}), got {f.teacher_layers}")
+
+
+def _validate_monitoring(cfg: DictConfig | VishwamaiConfig) -> None:
+    mo = cfg.monitoring
+    _check(mo.histogram_every_n_steps >= 0, "monitoring.histogram_every_n_steps", "must be >= 0 (0 = never)")
+    if mo.histogram_every_n_steps:
+        _check(mo.enabled and mo.tensorboard.enabled, "monitoring.histogram_every_n_steps",
+               "histograms are written to TensorBoard: needs monitoring.enabled=true and "
+               "monitoring.tensorboard.enabled=true")
+    _check(mo.profile_start >= 0, "monitoring.profile_start", "must be >= 0")
+    _check(mo.profile_steps > 0, "monitoring.profile_steps", "must be > 0")
+    _check(not mo.profile or mo.enabled, "monitoring.profile", "needs monitoring.enabled=true")
+    _check(mo.peak_flops_per_s is None or mo.peak_flops_per_s > 0, "monitoring.peak_flops_per_s",
+           "must be > 0 or null")
 
 
 def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:

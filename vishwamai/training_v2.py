@@ -125,7 +125,7 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     parallel = build_parallelism(cfg)
     run_dir = Path(cfg.run_dir)  # after joining the process group: all ranks agree on it
     device = parallel.device(t.device)
-    check_fits(cfg.model, device, parallel.world_size, parallel.sharded)
+    check_fits(cfg.model, device, parallel.shard_size)
     with parallel.main_first():  # rank 0 builds the token cache, the others then read it
         data = load_token_data(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
