@@ -121,3 +121,19 @@ def test_import_is_lean():
             "'tensorboard']; print([m for m in heavy if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_init_from_adopts_the_architecture_and_starts_from_its_weights(tmp_path, tiny_overrides):
+    source = tmp_path / "source"
+    run(compose_config(tiny_overrides + ["training.max_steps=3", "model.n_layers=3"], run_dir=str(source)))
+    from vishwamai.model import build_model
+    from vishwamai.training_v2 import adopt_architecture, load_weights_into
+
+    cfg = compose_config(tiny_overrides + [f"training.init_from={source}"], run_dir=str(tmp_path / "ft"))
+    adopt_architecture(cfg)
+    assert cfg.model.n_layers == 3
+    model = build_model(cfg.model)
+    load_weights_into(model, cfg.training.init_from)
+    expected = load_model(source / "checkpoints" / "final")
+    for (name, a), (_, b) in zip(model.state_dict().items(), expected.state_dict().items()):
+        assert torch.equal(a, b), name

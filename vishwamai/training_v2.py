@@ -71,9 +71,12 @@ def adopt_architecture(cfg: DictConfig) -> None:
 
 
 def load_weights_into(model: torch.nn.Module, path: str) -> None:
-    from vishwamai.checkpoint import find_model_dir, load_model
+    """training.init_from: read the checkpoint's weights straight into `model` (no second model built)."""
+    from vishwamai.checkpoint import find_model_dir
+    from vishwamai.checkpoint.io import WEIGHTS_FILE, apply_weights, as_model_config, read_weights
 
-    model.load_state_dict(load_model(find_model_dir(path)).state_dict())
+    source = find_model_dir(path)
+    apply_weights(model, read_weights(source), as_model_config(model.config), source / WEIGHTS_FILE)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
