@@ -26,8 +26,9 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# Every benchmark script (bench/_*.py are shared helpers); each appends to bench/RESULTS.md.
 bench: install
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+	for b in $(filter-out bench/_%,$(wildcard bench/*.py)); do $(PY) $$b || exit 1; done
 
 # Kubeflow: the compiled pipeline, and the PyTorchJob on a local kind cluster (needs Docker, kind, kubectl).
 pipeline: install

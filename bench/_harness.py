@@ -23,11 +23,15 @@ def machine() -> str:
 
 
 def interleave(variants: dict[str, Callable[[], dict]], rounds: int) -> dict[str, list[dict]]:
-    """Run each variant once per round, in turn, so drift on a noisy machine hits all alike."""
+    """Run each variant once per round, in turn, so drift on a noisy machine hits all alike.
+
+    The order rotates from round to round: no variant always runs right after the same other one
+    (whose leftovers, e.g. a freed heap or a background thread, could favour or slow it)."""
     results: dict[str, list[dict]] = {name: [] for name in variants}
+    names = list(variants)
     for r in range(rounds):
-        for name, fn in variants.items():
-            results[name].append(fn())
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            results[name].append(variants[name]())
             print(f"  round {r + 1}/{rounds} {name}: {results[name][-1]}", flush=True)
     return results
 
