@@ -60,8 +60,9 @@ class StepClock(Callback):
         return [b - a for a, b in zip(self.marks[WARMUP - 1:], self.marks[WARMUP:])]
 
 
-def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[str] = ()) -> dict:
-    overrides = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", f"data.seq_len={SEQ}",
+def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[str] = (), model: str = "tiny") -> dict:
+    """The trainer as a user runs it; `model=tiny` is MODEL below (4 layers, 256 wide, 4 heads)."""
+    overrides = [f"model={model}", f"data.seq_len={SEQ}",
                  f"training.batch_size={BATCH}", f"training.max_steps={steps + WARMUP + 1}",
                  "training.eval_every_n_steps=0", "training.eval_batches=1", "training.progress_bar=false",
                  "monitoring.enabled=false", f"training.compile={str(compile_model).lower()}", *extra]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from typing import Callable
 
 import pytest
 
@@ -50,3 +53,15 @@ def trained_teacher(tmp_path_factory) -> str:
                                          "training.optimizer.lr=3e-3", "checkpointing.save_best=false"],
                        run_dir=str(run_dir)))
     return str(run_dir)
+
+
+def _run_module(module: str, *args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+@pytest.fixture
+def run_module() -> Callable[..., subprocess.CompletedProcess]:
+    """`run_module(module, *args, **subprocess_kwargs)`: `python -m module args` in a real child process,
+    output captured as text (the CLI exactly as a user runs it: Hydra, exit codes, stderr)."""
+    return _run_module

@@ -303,7 +303,8 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, tiny_overrides, 
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_save_names_the_dir_and_keeps_the_previous_checkpoint(tmp_path, tiny_overrides):
+def test_disk_full_during_a_save_names_the_dir_and_keeps_the_previous_checkpoint(tmp_path, tiny_overrides,
+                                                                                  run_module):
     overrides = tiny_overrides + CKPT + ["training.max_steps=6", "checkpointing.every_n_steps=2"]
     run_dir = tmp_path / "run"
     run(compose_config(overrides + ["training.max_steps=2"], run_dir=str(run_dir)))
@@ -313,9 +314,8 @@ def test_disk_full_during_a_save_names_the_dir_and_keeps_the_previous_checkpoint
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
-    proc = subprocess.run([sys.executable, "-m", "vishwamai.training_v2", *overrides, "training.resume=auto",
-                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120,
-                          preexec_fn=small_files, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_module("vishwamai.training_v2", *overrides, "training.resume=auto", f"hydra.run.dir={run_dir}",
+                      preexec_fn=small_files, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == EXIT_NON_RETRYABLE, proc.stderr[-2000:]
     assert "could not write checkpoint" in proc.stderr and str(run_dir / "checkpoints" / "step-4") in proc.stderr
     assert _latest(run_dir) == "step-2" and not list((run_dir / "checkpoints").glob(".tmp-*"))

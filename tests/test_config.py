@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -91,19 +88,15 @@ def test_seed_command_lines_parse_and_validate(overrides):
     validate(compose_config(overrides, run_dir="/tmp/x"))
 
 
-def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vishwamai.training_v2", *args, f"hydra.run.dir={cwd}/run"],
-                          capture_output=True, text=True, timeout=120, cwd=cwd)
-
-
-def test_cli_typo_fails_before_compute_naming_the_key(tmp_path):
-    proc = _cli("training.optimizer.lrr=1e-3", cwd=tmp_path)
+def test_cli_typo_fails_before_compute_naming_the_key(tmp_path, run_module):
+    proc = run_module("vishwamai.training_v2", "training.optimizer.lrr=1e-3", f"hydra.run.dir={tmp_path}/run",
+                      cwd=tmp_path)
     assert proc.returncode != 0
     assert "lrr" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_cli_model_too_big_for_machine_fails_fast_with_memory_needed(tmp_path):
-    proc = _cli("model=10B", cwd=tmp_path)
+def test_cli_model_too_big_for_machine_fails_fast_with_memory_needed(tmp_path, run_module):
+    proc = run_module("vishwamai.training_v2", "model=10B", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "needs about" in proc.stderr and "GiB" in proc.stderr and "10B" in proc.stderr

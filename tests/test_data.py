@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def test_folder_to_token_file_round_trip_and_split(tmp_path):
     expected = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
     assert tokens.tolist() == expected
     assert len(data.val) == int(len(expected) * 0.1)
-    assert isinstance(data.train, np.memmap)
+    assert data.train[3:9].tolist() == expected[3:9] and data.val[:5].tolist() == expected[len(data.train):][:5]
     assert 0 < data.meta["unigram_entropy_nats"] < np.log(257)
 
 
@@ -128,3 +129,18 @@ def test_each_epoch_visits_every_window_once():
     seen = torch.cat([sampler.window_ids(2) for _ in range(5)])
     assert sorted(seen.tolist()) == list(range(10))
     assert sampler.epoch == 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_reading_windows_keeps_none_of_the_token_file_resident(tmp_path):
+    """RSS follows the batch, not the corpus: the token file is never mapped into the process
+    (a mapping kept a readahead chunk / large folio resident per window: RSS grew with the corpus)."""
+    words = " ".join(f"w{i % 997}" for i in range(400_000))  # ~2.5 MB of text, 5 MB of tokens
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(words)
+    data = load_token_data(DataConfig(path=str(corpus), seq_len=64, cache_dir=str(tmp_path / "c")))
+    sampler = SequenceSampler(data.train, 64, seed=0)
+    for _ in range(50):
+        x, y = sampler.next_batch(16)
+    assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.int64
+    assert "tokens.bin" not in Path("/proc/self/smaps").read_text()

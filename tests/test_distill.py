@@ -192,13 +192,9 @@ def test_ddp_distillation_with_projections_matches_one_process(tmp_path, tiny_ov
                            keys=("loss", "grad_norm", "loss_kd", "loss_feature", "loss_embedding", "val_loss"))
 
 
-def test_cli_bad_teacher_exits_non_retryable_naming_the_key(tmp_path, tiny_overrides):
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "vishwamai.training_v2", *tiny_overrides, "distillation.enabled=true",
-                           f"distillation.teacher_model.path={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=120)
+def test_cli_bad_teacher_exits_non_retryable_naming_the_key(tmp_path, tiny_overrides, run_module):
+    proc = run_module("vishwamai.training_v2", *tiny_overrides, "distillation.enabled=true",
+                      f"distillation.teacher_model.path={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "distillation.teacher_model.path" in proc.stderr and "nope" in proc.stderr
 

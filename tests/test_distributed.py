@@ -139,7 +139,7 @@ def test_hybrid_sharding_four_ranks_parallel_factor_two(tmp_path, tiny_overrides
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["model_parallel", "zero"])
 def test_sharded_checkpoint_resumes_exactly_with_two_ranks(tmp_path, tiny_overrides, strategy,
-                                                           single_process_reference):
+                                                           single_process_reference, run_module):
     extra = (["distributed.strategy=model_parallel"] if strategy == "model_parallel" else
              ["distributed.strategy=data_parallel", "distributed.zero_optimizer=true"])
     base = tiny_overrides + SHORT + extra + ["training.batch_size=2", "checkpointing.every_n_steps=3",
@@ -153,8 +153,8 @@ def test_sharded_checkpoint_resumes_exactly_with_two_ranks(tmp_path, tiny_overri
     assert_same_trajectory(records(resumed), records(full)[3:])
 
     out = tmp_path / "consolidated"
-    subprocess.run([sys.executable, "-m", "vishwamai.distributed.consolidate", str(full / "checkpoints" / "step-6"),
-                    str(out)], cwd=REPO, check=True, capture_output=True, timeout=120)
+    run_module("vishwamai.distributed.consolidate", str(full / "checkpoints" / "step-6"), str(out), cwd=REPO,
+               check=True)
     from vishwamai.checkpoint import load_model
 
     a, b = load_model(out), load_model(full / "checkpoints" / "final")

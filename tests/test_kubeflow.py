@@ -285,11 +285,10 @@ def test_launcher_rejects_a_bad_config_before_starting_workers():
     assert main(["training.max_steps=0"]) == 2
 
 
-def test_launcher_keeps_a_workers_non_retryable_exit_code(tmp_path):
+def test_launcher_keeps_a_workers_non_retryable_exit_code(tmp_path, run_module):
     """Through real torchrun: the worker fails at data loading (exit 2); torchrun alone would exit 1."""
-    out = subprocess.run([sys.executable, "-m", "vishwamai.kubeflow.launch", "data.path=/nonexistent/corpus",
-                          f"hydra.run.dir={tmp_path}", "monitoring.enabled=false"], env=launcher_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = run_module("vishwamai.kubeflow.launch", "data.path=/nonexistent/corpus", f"hydra.run.dir={tmp_path}",
+                     "monitoring.enabled=false", env=launcher_env())
     assert out.returncode == 2, out.stderr[-2000:]
     assert "data.path" in out.stderr and "permanent" in out.stderr
 

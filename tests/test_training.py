@@ -107,10 +107,9 @@ def test_weight_decay_applies_to_matrices_only():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
 
 
-def test_cli_runs_and_prints_where_outputs_are(tmp_path, tiny_overrides):
-    proc = subprocess.run([sys.executable, "-m", "vishwamai.training_v2", *tiny_overrides,
-                           "training.max_steps=3", f"hydra.run.dir={tmp_path}/cli"],
-                          capture_output=True, text=True, timeout=180)
+def test_cli_runs_and_prints_where_outputs_are(tmp_path, tiny_overrides, run_module):
+    proc = run_module("vishwamai.training_v2", *tiny_overrides, "training.max_steps=3",
+                      f"hydra.run.dir={tmp_path}/cli", timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "run directory" in proc.stdout and "checkpoint" in proc.stdout
     assert (tmp_path / "cli" / "summary.json").is_file()

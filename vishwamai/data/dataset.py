@@ -3,8 +3,8 @@
 Documents are concatenated with an end-of-document token and cut into windows of
 `seq_len + 1` tokens (sequence packing: no padding is ever trained on).  The last
 `val_fraction` of the token stream is the validation split.  Memory use follows the
-batch, not the corpus: the token file is memory-mapped and only the windows of the
-current batch are read.
+batch, not the corpus: only the windows of the current batch are read from the token
+file (TokenFile), nothing else of it is ever held by the process.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ def _cache_key(files: list[Path], tokenizer: Tokenizer) -> str:
     return h.hexdigest()[:20]
 
 
-def _unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
-    counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+def _entropy_nats(counts: np.ndarray) -> float:
+    counts = counts.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -54,26 +54,25 @@ def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path) -> 
     suffix = f".tmp{os.getpid()}"
     tmp_bin = bin_path.with_name(bin_path.name + suffix)
     n_tokens, n_docs = 0, 0
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)  # unigram counts, as the file is written
     with open(tmp_bin, "wb") as fh:
         for doc in iter_documents(files):
-            ids = tokenizer.encode(doc)
-            ids.append(tokenizer.eos_id)
-            fh.write(np.asarray(ids, dtype=dtype).tobytes())
+            ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=dtype)
+            fh.write(ids.tobytes())
+            counts += np.bincount(ids, minlength=tokenizer.vocab_size)
             n_tokens += len(ids)
             n_docs += 1
         fh.flush()
         os.fsync(fh.fileno())
-    tokens = np.memmap(tmp_bin, dtype=dtype, mode="r")
     meta = {
         "dtype": np.dtype(dtype).name,
         "num_tokens": n_tokens,
         "num_documents": n_docs,
         "vocab_size": tokenizer.vocab_size,
         "tokenizer": tokenizer.identity,
-        "unigram_entropy_nats": _unigram_entropy_nats(np.asarray(tokens), tokenizer.vocab_size),
+        "unigram_entropy_nats": _entropy_nats(counts),
         "sources": [str(f) for f in files[:50]] + ([f"... {len(files) - 50} more"] if len(files) > 50 else []),
     }
-    del tokens
     tmp_meta = meta_path.with_name(meta_path.name + suffix)
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_bin, bin_path)
@@ -81,10 +80,52 @@ def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path) -> 
     return bin_path
 
 
+class TokenFile:
+    """A read-only span of a token file on disk, sliced like a 1-D array: `f[a:b]` reads those tokens.
+
+    Windows are read with pread, not through a memory map: a mapping's touched pages count as the
+    process's resident memory, a whole readahead chunk or large folio (1-2 MB) per randomly placed
+    window, so a mapped corpus made RSS grow with its size (110 MB of a 200 MB token file after 96
+    windows, measured).  The operating system's page cache still caches the file for every reader.
+    """
+
+    def __init__(self, path: Path, dtype: str, start: int = 0, stop: Optional[int] = None, _file=None):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self._file = _file or open(path, "rb", buffering=0)  # shared by the spans of one file
+        if _file is None and hasattr(os, "posix_fadvise"):  # shuffled windows: no readahead
+            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        total = os.fstat(self._file.fileno()).st_size // self.dtype.itemsize
+        self.start, self.stop = start, total if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def span(self, start: int, stop: int) -> "TokenFile":
+        """The tokens [start, stop) of this span, as a span (nothing read)."""
+        return TokenFile(self.path, self.dtype.name, self.start + start, self.start + stop, self._file)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenFile supports contiguous slices only")
+        start, stop, _ = key.indices(len(self))
+        count = max(0, stop - start)
+        data = os.pread(self._file.fileno(), count * self.dtype.itemsize,
+                        (self.start + start) * self.dtype.itemsize)
+        return np.frombuffer(data, dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+# What samplers read windows from: a TokenFile, or any 1-D integer array (tests, small data).
+Tokens = Union[TokenFile, np.ndarray]
+
+
 @dataclass
 class TokenData:
-    train: np.ndarray  # memory-mapped
-    val: np.ndarray
+    train: TokenFile
+    val: TokenFile
     vocab_size: int
     meta: dict
     tokenizer: Tokenizer
@@ -96,7 +137,7 @@ def load_token_data(cfg: DataConfig) -> TokenData:
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else DEFAULT_CACHE
     bin_path = build_token_file(files, tokenizer, cache_root / _cache_key(files, tokenizer))
     meta = json.loads((bin_path.parent / "meta.json").read_text())
-    tokens = np.memmap(bin_path, dtype=meta["dtype"], mode="r")
+    tokens = TokenFile(bin_path, meta["dtype"])
     n_val = int(len(tokens) * cfg.val_fraction)
     min_tokens = 2 * (cfg.seq_len + 1)
     if n_val < cfg.seq_len + 1 or len(tokens) - n_val < min_tokens:
@@ -104,7 +145,9 @@ def load_token_data(cfg: DataConfig) -> TokenData:
             f"corpus too small: {len(tokens)} tokens cannot fill a train and a validation window of "
             f"data.seq_len={cfg.seq_len} with data.val_fraction={cfg.val_fraction}; add text or lower data.seq_len"
         )
-    return TokenData(tokens[:-n_val], tokens[-n_val:], tokenizer.vocab_size, meta, tokenizer)
+    split = len(tokens) - n_val
+    return TokenData(tokens.span(0, split), tokens.span(split, len(tokens)), tokenizer.vocab_size, meta,
+                     tokenizer)
 
 
 class SequenceSampler:
@@ -118,7 +161,7 @@ class SequenceSampler:
     and the batch size may change between calls (dynamic batch sizing).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+    def __init__(self, tokens: Tokens, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
@@ -170,7 +213,7 @@ class SequenceSampler:
         self._order = None
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int,
+def eval_batches(tokens: Tokens, seq_len: int, batch_size: int, max_batches: int,
                  rank: int = 0, world_size: int = 1):
     """The same validation windows, in order, at every evaluation (comparable val_loss)."""
     sampler = SequenceSampler(tokens, seq_len, seed=0, rank=rank, world_size=world_size, shuffle=False)
