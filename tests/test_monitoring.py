@@ -246,3 +246,22 @@ def test_run_nests_under_an_active_mlflow_run(tmp_path, tiny_overrides):
     child = client.get_run(summary["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.info.experiment_id == experiment and child.info.status == "FINISHED"
+
+
+def test_a_run_stopped_between_log_steps_logs_its_last_step_and_final_evaluation(tmp_path, tiny_overrides):
+    """A callback stops the run at step 3 of 10 (log every 10): the steps since the last log and the
+    evaluation after the loop still reach metrics.jsonl, and the report is written from them."""
+    from vishwamai.train.events import Callback
+
+    class StopAtThree(Callback):
+        def on_step_end(self, trainer):
+            trainer.should_stop = trainer.state.step >= 3
+
+    overrides = overrides_on(tiny_overrides) + ["monitoring.tensorboard.enabled=false",
+                                                "monitoring.mlflow.enabled=false", "training.log_every_n_steps=10",
+                                                "training.eval_every_n_steps=0"]
+    summary = run(compose_config(overrides, run_dir=str(tmp_path)), extra_callbacks=[StopAtThree()])
+    logged = records(tmp_path)
+    assert [r["step"] for r in logged] == [3] and summary["steps"] == 3
+    assert logged[0]["val_loss"] == pytest.approx(summary["final_val_loss"])
+    assert logged[0]["tokens_per_s"] > 0 and (tmp_path / "report.png").is_file()

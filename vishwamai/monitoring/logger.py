@@ -151,6 +151,7 @@ class MetricsLogger(Callback):
         self._started = False
         self._reset_window()
         self._carried: dict[str, Any] = {}
+        self._unlogged_eval = False
 
     def _reset_window(self) -> None:
         self._tokens, self._samples, self._seconds, self._steps = 0, 0, 0.0, 0
@@ -171,7 +172,23 @@ class MetricsLogger(Callback):
         if not is_log_step(step, self.every, trainer.cfg.training.max_steps) and "val_loss" not in m:
             self._carried.update((k, v) for k, v in m.items() if k not in STEP_KEYS)
             return
-        record = {**self._carried, **m}
+        self._unlogged_eval = False
+        self._write(trainer, {**self._carried, **m})
+
+    def on_eval_end(self, trainer, *, val_loss: float) -> None:
+        self._unlogged_eval = True  # logged by the step's record, or at the end (evaluation after the loop)
+
+    def _flush(self, trainer) -> None:
+        """A run that stops between log steps (a callback's should_stop, early stopping) still logs its
+        last steps and its final evaluation, which runs after the loop."""
+        if self._steps:
+            self._write(trainer, {**self._carried, **trainer.metrics})
+        elif self._unlogged_eval:
+            self._write(trainer, {k: v for k, v in trainer.metrics.items() if k.startswith("val_")})
+        self._unlogged_eval = False
+
+    def _write(self, trainer, record: dict[str, Any]) -> None:
+        step = trainer.state.step
         if self._seconds > 0:
             record["tokens_per_s"] = self._tokens / self._seconds
             record["samples_per_s"] = self._samples / self._seconds
@@ -204,6 +221,7 @@ class MetricsLogger(Callback):
             trainer.summary.update(sink.summary())
 
     def on_train_end(self, trainer) -> None:
+        self._flush(trainer)
         self._close(trainer, failed=False)
 
     def on_exception(self, trainer, *, error: BaseException) -> None:
