@@ -151,7 +151,6 @@ class MetricsLogger(Callback):
         self._started = False
         self._reset_window()
         self._carried: dict[str, Any] = {}
-        self._unlogged_eval = False
 
     def _reset_window(self) -> None:
         self._tokens, self._samples, self._seconds, self._steps = 0, 0, 0.0, 0
@@ -172,20 +171,14 @@ class MetricsLogger(Callback):
         if not is_log_step(step, self.every, trainer.cfg.training.max_steps) and "val_loss" not in m:
             self._carried.update((k, v) for k, v in m.items() if k not in STEP_KEYS)
             return
-        self._unlogged_eval = False
         self._write(trainer, {**self._carried, **m})
-
-    def on_eval_end(self, trainer, *, val_loss: float) -> None:
-        self._unlogged_eval = True  # logged by the step's record, or at the end (evaluation after the loop)
 
     def _flush(self, trainer) -> None:
         """A run that stops between log steps (a callback's should_stop, early stopping) still logs its
-        last steps and its final evaluation, which runs after the loop."""
+        last steps, with the evaluation that runs after the loop.  (Once a step is logged it is never
+        logged again: metrics.jsonl holds one record per step.)"""
         if self._steps:
             self._write(trainer, {**self._carried, **trainer.metrics})
-        elif self._unlogged_eval:
-            self._write(trainer, {k: v for k, v in trainer.metrics.items() if k.startswith("val_")})
-        self._unlogged_eval = False
 
     def _write(self, trainer, record: dict[str, Any]) -> None:
         step = trainer.state.step
