@@ -5,9 +5,10 @@ same tokens (the embedded corpus, byte level, sequence 256, batch 8), same optim
 gradient clipping at 1.0), fp32, dropout 0, same threads. Interleaved rounds in one process; prints
 tokens/s (whole measured span, so periodic saves count), step-time median, RSS and the ratios.
 With --compile, vishwamai and the bare loop run under torch.compile and HF Trainer is measured both
-eager and with its own `torch_compile=True`.
+eager and with its own `torch_compile=True`. With --amp all three run under bf16 autocast
+(vishwamai `amp.enabled=true`, HF `bf16=True`); the default is fp32 for all.
 
-    python bench/throughput.py [--steps 30] [--rounds 5] [--compile] [--no-hf] [--ckpt-every 10]
+    python bench/throughput.py [--steps 30] [--rounds 5] [--compile] [--amp] [--no-hf] [--ckpt-every 10]
 """
 
 from __future__ import annotations
@@ -60,12 +61,14 @@ class StepClock(Callback):
         return [b - a for a, b in zip(self.marks[WARMUP - 1:], self.marks[WARMUP:])]
 
 
-def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[str] = (), model: str = "tiny") -> dict:
+def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[str] = (), model: str = "tiny",
+                      amp: bool = False) -> dict:
     """The trainer as a user runs it; `model=tiny` is MODEL below (4 layers, 256 wide, 4 heads)."""
     overrides = [f"model={model}", f"data.seq_len={SEQ}",
                  f"training.batch_size={BATCH}", f"training.max_steps={steps + WARMUP + 1}",
                  "training.eval_every_n_steps=0", "training.eval_batches=1", "training.progress_bar=false",
-                 "monitoring.enabled=false", f"training.compile={str(compile_model).lower()}", *extra]
+                 "monitoring.enabled=false", f"training.compile={str(compile_model).lower()}",
+                 f"amp.enabled={str(amp).lower()}", *extra]
     clock = StepClock(stop_after=steps + WARMUP)
     run(compose_config(overrides, run_dir=str(tmp / f"v{time.monotonic_ns()}")), extra_callbacks=[clock])
     return _figures(clock.step_times())
@@ -78,7 +81,7 @@ def _figures(step_times: list[float]) -> dict:
             "rss_mb": rss_mb()}
 
 
-def bare_loop(steps: int, compile_model: bool) -> dict:
+def bare_loop(steps: int, compile_model: bool, amp: bool = False) -> dict:
     """A good baseline: foreach AdamW, SDPA attention (same model class), no extras."""
     torch.manual_seed(0)
     data = load_token_data(DataConfig(seq_len=SEQ))
@@ -90,7 +93,9 @@ def bare_loop(steps: int, compile_model: bool) -> dict:
     for _ in range(steps + WARMUP):
         start = time.perf_counter()
         x, y = sampler.next_batch(BATCH)
-        loss = F.cross_entropy(step_model(x).logits.flatten(0, 1), y.flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = step_model(x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -99,7 +104,7 @@ def bare_loop(steps: int, compile_model: bool) -> dict:
     return _figures(times[WARMUP:])
 
 
-def hf_trainer(steps: int, compile_model: bool = False) -> dict:
+def hf_trainer(steps: int, compile_model: bool = False, amp: bool = False) -> dict:
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -128,7 +133,7 @@ def hf_trainer(steps: int, compile_model: bool = False) -> dict:
     args = TrainingArguments(output_dir="/tmp/hf_bench", per_device_train_batch_size=BATCH, max_steps=steps + WARMUP,
                              learning_rate=3e-4, weight_decay=0.1, report_to=[], save_strategy="no",
                              logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-                             torch_compile=compile_model)
+                             torch_compile=compile_model, bf16=amp)
     Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Timer()]).train()
     return _figures([b - a for a, b in zip(marks[WARMUP - 1:], marks[WARMUP:])])
 
@@ -138,6 +143,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile both vishwamai and the bare loop")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for all variants")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--ckpt-every", type=int, default=10,
                         help="checkpoint interval of the monitoring+ckpt variant (the default config saves "
@@ -145,16 +151,16 @@ def main() -> None:
     args = parser.parse_args()
     tmp = Path("/tmp/vishwamai_bench")
     variants = {
-        "bare_loop": lambda: bare_loop(args.steps, args.compile),
-        "vishwamai": lambda: vishwamai_trainer(args.steps, args.compile, tmp),
+        "bare_loop": lambda: bare_loop(args.steps, args.compile, args.amp),
+        "vishwamai": lambda: vishwamai_trainer(args.steps, args.compile, tmp, amp=args.amp),
         "vishwamai+monitoring+ckpt": lambda: vishwamai_trainer(
             args.steps, args.compile, tmp, ["monitoring.enabled=true",  # defaults: TensorBoard + MLflow
-                                            f"checkpointing.every_n_steps={args.ckpt_every}"]),
+                                            f"checkpointing.every_n_steps={args.ckpt_every}"], amp=args.amp),
     }
     if not args.no_hf:
-        variants["hf_trainer"] = lambda: hf_trainer(args.steps)
+        variants["hf_trainer"] = lambda: hf_trainer(args.steps, amp=args.amp)
         if args.compile:
-            variants["hf_trainer (torch_compile)"] = lambda: hf_trainer(args.steps, compile_model=True)
+            variants["hf_trainer (torch_compile)"] = lambda: hf_trainer(args.steps, compile_model=True, amp=args.amp)
     results = interleave(variants, args.rounds)
     tps = {name: median([r["tokens_per_s"] for r in rs]) for name, rs in results.items()}
     lines = ["| variant | tokens/s (median, ±half-range) | step ms (median) | RSS MB after |", "|---|---|---|---|"]
@@ -168,8 +174,8 @@ def main() -> None:
                  f"**{tps['vishwamai+monitoring+ckpt'] / tps['bare_loop']:.3f}** (target >= 0.97)")
     for hf in (name for name in tps if name.startswith("hf_trainer")):
         lines.append(f"- vishwamai / {hf}: **{tps['vishwamai'] / tps[hf]:.3f}** (target >= 1.3)")
-    record(f"throughput{' (torch.compile)' if args.compile else ''}, {args.steps} steps x {args.rounds} rounds",
-           lines)
+    mode = " + ".join(["torch.compile"] * args.compile + ["bf16 autocast"] * args.amp) or "eager fp32"
+    record(f"throughput ({mode}), {args.steps} steps x {args.rounds} rounds", lines)
     if not all(math.isfinite(v) for v in tps.values()):
         sys.exit(1)
 
