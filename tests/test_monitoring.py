@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -221,6 +222,50 @@ def test_a_failing_background_backend_fails_the_run_loudly():
     sink.start(trainer=None)
     sink.log(1, {"loss": 1.0})
     with pytest.raises(RuntimeError, match="Broken failed: disk full"):
+        sink.close()
+
+
+def _mlflow_process_sink(tmp_path, tiny_overrides, uri: str):
+    from vishwamai.monitoring import ProcessSink, build_sinks
+
+    cfg = compose_config(overrides_on(tiny_overrides) + [f"monitoring.mlflow.tracking_uri={uri}"],
+                         run_dir=str(tmp_path / "run"))
+    sink = next(s for s in build_sinks(cfg, tmp_path / "run") if isinstance(s, ProcessSink))
+    sink.start(trainer=None)
+    return sink
+
+
+def _wait_for_child(sink):
+    deadline = time.time() + 30
+    while sink.inner._child is None and time.time() < deadline:  # started by the sink's own thread
+        time.sleep(0.05)
+    return sink.inner._child
+
+
+def test_mlflow_logs_from_a_low_priority_child_process(tmp_path, tiny_overrides):
+    """MLflow's sink lives in `python -m vishwamai.monitoring.sink_process`, niced below the trainer
+    (its imports and database work never hold the training process's GIL)."""
+    import os
+
+    sink = _mlflow_process_sink(tmp_path, tiny_overrides, f"sqlite:///{tmp_path}/m.db")
+    child = _wait_for_child(sink)
+    assert child.args[1:3] == ["-m", "vishwamai.monitoring.sink_process"] and child.pid != os.getpid()
+    if hasattr(os, "getpriority"):
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    sink.log(1, {"loss": 2.5})
+    sink.close()
+    from mlflow.tracking import MlflowClient
+
+    run_id = sink.summary()["mlflow_run_id"]
+    history = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/m.db").get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.5)]
+
+
+def test_a_failing_mlflow_child_fails_the_run_naming_the_backend(tmp_path, tiny_overrides):
+    (tmp_path / "file").write_text("not a directory")
+    sink = _mlflow_process_sink(tmp_path, tiny_overrides, f"sqlite:///{tmp_path}/file/x.db")
+    sink.log(1, {"loss": 1.0})
+    with pytest.raises(RuntimeError, match="monitoring backend MlflowSink failed: .*Error"):
         sink.close()
 
 

@@ -56,7 +56,7 @@ class DataConfig:
     tokenizer: str = "byte"
     seq_len: int = 256
     val_fraction: float = 0.05
-    # Where memory-mapped token files are cached; null = ~/.cache/vishwamai/data.
+    # Where tokenized corpora (tokens.bin) are cached; null = ~/.cache/vishwamai/data.
     cache_dir: Optional[str] = None
     # Cap on the embedded corpus, in bytes.
     embedded_max_bytes: int = 3_000_000

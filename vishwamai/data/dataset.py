@@ -1,4 +1,4 @@
-"""Text -> one memory-mapped token file (built once, cached) -> packed, seeded batches.
+"""Text -> one token file on disk (built once, cached) -> packed, seeded batches.
 
 Documents are concatenated with an end-of-document token and cut into windows of
 `seq_len + 1` tokens (sequence packing: no padding is ever trained on).  The last

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.monitoring.logger import BackgroundSink, JsonlSink, MetricsLogger, MetricSink, SinkBase
+from vishwamai.monitoring.logger import (BackgroundSink, JsonlSink, MetricsLogger, MetricSink, ProcessSink,
+                                        SinkBase)
 from vishwamai.monitoring.progress import ProgressBar
 
-__all__ = ["BackgroundSink", "JsonlSink", "MetricSink", "MetricsLogger", "ProgressBar", "SinkBase",
+__all__ = ["BackgroundSink", "JsonlSink", "MetricSink", "MetricsLogger", "ProcessSink", "ProgressBar", "SinkBase",
            "build_monitoring", "build_sinks", "finish_monitoring"]
 
 
@@ -38,7 +39,7 @@ def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
     if mon.mlflow.enabled:
         from vishwamai.monitoring.mlflow_sink import MlflowSink
 
-        sinks.append(BackgroundSink(MlflowSink(cfg, run_dir)))
+        sinks.append(ProcessSink(MlflowSink(cfg, run_dir)))
     return sinks
 
 

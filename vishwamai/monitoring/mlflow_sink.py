@@ -2,9 +2,10 @@
 (at the end) the summary and report as artifacts, checkpoint paths as tags.
 
 Default store: sqlite:///RUN_DIR/mlflow.db (a real database; MLflow 3's file store is in
-maintenance mode).  Creating that store takes seconds, so the sink runs in a
-BackgroundSink: training starts while MLflow sets up.  When an MLflow run is already
-active in this process (a tuning study), the run is nested under it.
+maintenance mode).  Importing MLflow and creating that store take seconds of CPU, so the
+sink runs in a ProcessSink (a low-priority child process): training starts while MLflow
+sets up.  When an MLflow run is already active in the training process (a tuning study),
+the run is nested under it (its id is read here, before the sink moves to the child).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class MlflowSink(SinkBase):
         self._pending: list = []
         self._flushed_at = time.monotonic()
 
-    # Runs on the BackgroundSink's thread.
+    # Runs in the ProcessSink's child process.
     def start(self, trainer) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
