@@ -32,8 +32,10 @@ else:  # eval_oom_on_rank_1
 cfg = compose_config(TINY_OVERRIDES + ["distributed.strategy=data_parallel", "training.max_steps=6"] + dynamic(
     initial_batch_size=4, target_batch_size=4, min_batch_size=1), run_dir=run_dir)
 summary = run(cfg, extra_callbacks=[cap])
-print("RESULT", json.dumps({"rank": rank, "loss": summary["final_train_loss"], "val_loss": summary["final_val_loss"],
-                            "changes": summary["dynamic_batch_size"]["changes"]}), flush=True)
+# One file per rank: lines the two ranks print to a shared stdout pipe can interleave.
+with open(f"{run_dir}-result-{rank}.json", "w") as fh:
+    json.dump({"rank": rank, "loss": summary["final_train_loss"], "val_loss": summary["final_val_loss"],
+               "changes": summary["dynamic_batch_size"]["changes"]}, fh)
 """
 
 
@@ -47,9 +49,9 @@ def launch(tmp_path, case: str) -> list[dict]:
          str(worker), str(tmp_path / "run"), case],
         capture_output=True, text=True, env=env, timeout=200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
-    assert sorted(r["rank"] for r in results) == [0, 1]
-    return sorted(results, key=lambda r: r["rank"])
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("run-result-*.json"))]
+    assert [r["rank"] for r in results] == [0, 1], proc.stdout[-3000:]
+    return results
 
 
 @pytest.mark.slow
