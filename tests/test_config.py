@@ -51,6 +51,8 @@ def test_wrong_type_is_rejected_with_its_name(override, key):
     (["amp.dtype=float8"], "amp.dtype"),
     (["distributed.strategy=pipeline"], "distributed.strategy"),
     (["checkpointing.mode=sideways"], "checkpointing.mode"),
+    (["training.compile=true", "training.compile_mode=fastest"], "training.compile_mode"),
+    (["training.compile_mode=max-autotune"], "training.compile_mode"),  # would be ignored without compile
     (["distillation.quantization.enabled=true", "distillation.quantization.precision=int4"],
      "distillation.quantization.precision"),
 ])

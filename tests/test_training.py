@@ -63,6 +63,20 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_overrides)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
+def test_compiled_training_follows_eager(tmp_path, tiny_overrides, mode):
+    """training.compile (inductor's C++ kernels on CPU) trains the same model as eager, step for step."""
+    base = tiny_overrides + ["training.max_steps=3", "training.eval_every_n_steps=0"]
+    run(compose_config(base, run_dir=str(tmp_path / "eager")))
+    run(compose_config(base + ["training.compile=true", f"training.compile_mode={mode}"],
+                       run_dir=str(tmp_path / "compiled")))
+    eager, compiled = _records(tmp_path / "eager"), _records(tmp_path / "compiled")
+    assert len(compiled) == 3
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+
+
 def test_bf16_autocast_on_cpu_trains(tmp_path, tiny_overrides):
     precision = Precision(AmpConfig(enabled=True, dtype="bfloat16"), torch.device("cpu"))
     with precision.autocast():

@@ -99,6 +99,9 @@ class TrainingConfig:
     # architecture replaces `model` (fine-tuning, pruning or distilling a pretrained model).
     init_from: Optional[str] = None
     compile: bool = False
+    # torch.compile's mode. On 2 CPU cores (tiny model) max-autotune-no-cudagraphs measured 1.15x over
+    # eager vs 1.08x for default; it compiles for longer. reduce-overhead / max-autotune: CUDA graphs.
+    compile_mode: str = "default"
     # Intra-op CPU threads; null = torch's default.
     num_threads: Optional[int] = None
     # cpu | cuda | auto
@@ -138,6 +141,10 @@ class CheckpointingConfig:
     metric: str = "validation_loss"
     mode: str = "min"
     save_zero_redundancy: bool = False
+
+
+# torch.compile(mode=...) values; "default" passes no mode.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 # ---------------------------------------------------------------------- monitoring
@@ -418,6 +425,9 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(t.eval_batches > 0, "training.eval_batches", "must be > 0")
     _check(t.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 = no clipping)")
     _one_of(t.device, "training.device", ("auto", "cpu", "cuda"))
+    _one_of(t.compile_mode, "training.compile_mode", COMPILE_MODES)
+    _check(t.compile or t.compile_mode == "default", "training.compile_mode",
+           f"{t.compile_mode!r} has no effect without training.compile=true")
     o = t.optimizer
     _one_of(o.name, "training.optimizer.name", ("adamw",))
     _check(o.lr > 0, "training.optimizer.lr", f"must be > 0, got {o.lr}")

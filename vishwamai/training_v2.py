@@ -144,7 +144,7 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         load_weights_into(model, t.init_from)
     model = parallel.wrap(model)
     if t.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
     optimizer = parallel.wrap_optimizer(build_optimizer(model, t.optimizer))
     scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)
     sampler = SequenceSampler(data.train, cfg.data.seq_len, t.seed, parallel.rank, parallel.world_size)
