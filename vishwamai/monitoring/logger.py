@@ -171,7 +171,7 @@ class _RemoteSink(SinkBase):
         child = subprocess.Popen(
             [sys.executable, "-m", "vishwamai.monitoring.sink_process", str(to_child_r), str(from_child_w)],
             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
-        if hasattr(os, "setpriority"):  # POSIX: below the trainer, from its first instruction on
+        if hasattr(os, "setpriority"):  # POSIX: below the trainer, set as soon as it exists
             os.setpriority(os.PRIO_PROCESS, child.pid, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
         self._child = child
         os.close(to_child_r)
