@@ -58,8 +58,10 @@ class StepClock(Callback):
         # Stop before max_steps so the end-of-run evaluation and final save stay outside the clock.
         trainer.should_stop = trainer.state.step >= self.stop_after
 
-    def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks[WARMUP - 1:], self.marks[WARMUP:])]
+
+def measured_steps(marks: list[float]) -> list[float]:
+    """Step times after the warm-up, from step-end timestamps (mark i = end of step i + 1)."""
+    return [b - a for a, b in zip(marks[WARMUP - 1:], marks[WARMUP:])]
 
 
 def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[str] = (), model: str = "tiny",
@@ -72,7 +74,7 @@ def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[st
                  f"amp.enabled={str(amp).lower()}", *extra]
     clock = StepClock(stop_after=steps + WARMUP)
     run(compose_config(overrides, run_dir=str(tmp / f"v{time.monotonic_ns()}")), extra_callbacks=[clock])
-    return _figures(clock.step_times())
+    return _figures(measured_steps(clock.marks))
 
 
 def _figures(step_times: list[float]) -> dict:
@@ -83,7 +85,7 @@ def _figures(step_times: list[float]) -> dict:
 
 
 def bare_loop(steps: int, compile_model: bool, amp: bool = False) -> dict:
-    """A good baseline: foreach AdamW, SDPA attention (same model class), no extras."""
+    """A good baseline: fused AdamW (build_optimizer), SDPA attention (same model class), no extras."""
     torch.manual_seed(0)
     data = load_token_data(DataConfig(seq_len=SEQ))
     sampler = SequenceSampler(data.train, SEQ, seed=0)
@@ -136,7 +138,7 @@ def hf_trainer(steps: int, compile_model: bool = False, amp: bool = False) -> di
                              logging_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                              torch_compile=compile_model, bf16=amp)
     Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[Timer()]).train()
-    return _figures([b - a for a, b in zip(marks[WARMUP - 1:], marks[WARMUP:])])
+    return _figures(measured_steps(marks))
 
 
 def main() -> None:

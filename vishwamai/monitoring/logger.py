@@ -80,8 +80,9 @@ class BackgroundSink(SinkBase):
     next call (a broken backend fails the run loudly instead of logging nothing).
     """
 
-    def __init__(self, inner: MetricSink):
+    def __init__(self, inner: MetricSink, name: Optional[str] = None):
         self.inner = inner
+        self.name = name or type(inner).__name__  # the backend, in error messages
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -107,7 +108,7 @@ class BackgroundSink(SinkBase):
     def _raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(f"monitoring backend {type(self.inner).__name__} failed: {error}") from error
+            raise RuntimeError(f"monitoring backend {self.name} failed: {error}") from error
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._put("log", step, metrics)
@@ -142,15 +143,7 @@ class ProcessSink(BackgroundSink):
     """
 
     def __init__(self, inner: MetricSink):
-        super().__init__(_RemoteSink(inner))
-
-    def summary(self) -> dict[str, Any]:
-        return self.inner.reply
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"monitoring backend {self.inner.name} failed: {error}") from error
+        super().__init__(_RemoteSink(inner), name=type(inner).__name__)
 
 
 # How far below the training process a ProcessSink's child runs (Unix nice levels).
@@ -161,8 +154,8 @@ class _RemoteSink(SinkBase):
     """The parent's end of a ProcessSink: each call is one pickled message to the child."""
 
     def __init__(self, inner: MetricSink):
-        self.inner, self.name = inner, type(inner).__name__
-        self.reply: dict[str, Any] = {}
+        self.inner = inner
+        self.reply: dict[str, Any] = {}  # the child's summary, after close
         self._child = self._to_child = self._from_child = None
 
     def start(self, trainer) -> None:
@@ -196,6 +189,9 @@ class _RemoteSink(SinkBase):
         if kind == "error":
             raise ChildProcessError(value)
         self.reply = value
+
+    def summary(self) -> dict[str, Any]:
+        return self.reply
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self._send("log", step, metrics)
