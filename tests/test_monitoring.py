@@ -4,6 +4,7 @@ MLflow sqlite store; the report PNG is decoded; backends are imported only when 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -267,6 +268,40 @@ def test_a_failing_mlflow_child_fails_the_run_naming_the_backend(tmp_path, tiny_
     sink.log(1, {"loss": 1.0})
     with pytest.raises(RuntimeError, match="monitoring backend MlflowSink failed: .*Error"):
         sink.close()
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_a_new_local_mlflow_store_is_copied_from_a_migrated_template(tmp_path, monkeypatch):
+    from vishwamai.monitoring import mlflow_sink
+
+    monkeypatch.setattr(mlflow_sink, "STORE_TEMPLATES", tmp_path / "templates")
+    migrations = _Lines()
+    logging.getLogger("mlflow.store.db.utils").addHandler(migrations)
+    try:
+        mlflow_sink.open_store(f"sqlite:///{tmp_path}/first.db")  # built the long way, kept as template
+        template = mlflow_sink.store_template()
+        assert template.is_file() and sum("Creating initial" in line for line in migrations.lines) == 1
+        client = mlflow_sink.open_store(f"sqlite:///{tmp_path}/second.db")
+        assert sum("Creating initial" in line for line in migrations.lines) == 1  # no migrations this time
+        run = client.create_run(client.create_experiment("e"))
+        client.log_metric(run.info.run_id, "loss", 1.5, step=3)
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(3, 1.5)]
+        assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))
+
+        template.write_bytes(b"not a database")  # a broken template is replaced, the run still gets a store
+        client = mlflow_sink.open_store(f"sqlite:///{tmp_path}/third.db")
+        assert client.search_experiments() and sum("Creating initial" in line for line in migrations.lines) == 2
+        assert template.read_bytes().startswith(b"SQLite format 3")
+    finally:
+        logging.getLogger("mlflow.store.db.utils").removeHandler(migrations)
 
 
 def test_mlflow_params_are_the_flattened_config():

@@ -112,6 +112,14 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         return run_tuning(cfg)
     validate(cfg)
     reject_unimplemented(cfg)
+    from vishwamai.distributed import teardown_watchdog
+
+    with teardown_watchdog():  # the process group is torn down when recipe()'s objects go
+        return recipe(cfg, extra_callbacks)
+
+
+def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
+    """The recipe itself, on a validated config."""
     from vishwamai.data import SequenceSampler, load_token_data
     from vishwamai.distributed import build_parallelism
     from vishwamai.model import build_model, check_fits

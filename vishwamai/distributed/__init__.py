@@ -10,6 +10,8 @@ re-runs itself through torch's elastic launcher: distributed/launch.py).
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import gc
 import os
 from typing import Any, Iterator
 
@@ -89,6 +91,35 @@ class Parallelism:
     def shutdown(self) -> None: ...
 
 
+# How long a multi-process run's teardown (after its last collective) may take.
+TEARDOWN_LIMIT_S = 120
+_watchdog_armed = False
+
+
+def arm_teardown_watchdog(limit_s: float = TEARDOWN_LIMIT_S) -> None:
+    """From here on, the process must reach the end of `teardown_watchdog()` within `limit_s`.
+
+    faulthandler's timer is a C thread that needs no GIL: if teardown deadlocks in
+    C++ while holding the GIL, it still prints every thread's stack to stderr and
+    exits with code 1, so a pod or torchrun fails instead of hanging forever."""
+    global _watchdog_armed
+    faulthandler.dump_traceback_later(limit_s, exit=True)
+    _watchdog_armed = True
+
+
+@contextlib.contextmanager
+def teardown_watchdog() -> Iterator[None]:
+    """Frees what the block left (model, process group) while a watchdog armed in it runs."""
+    global _watchdog_armed
+    try:
+        yield
+        gc.collect()  # trainer <-> callback cycles hold the wrapped model (and its process group)
+    finally:
+        if _watchdog_armed:
+            faulthandler.cancel_dump_traceback_later()
+            _watchdog_armed = False
+
+
 def build_parallelism(cfg: VishwamaiConfig) -> Parallelism:
     strategy = cfg.distributed.strategy
     if strategy == "none":
@@ -112,4 +143,5 @@ def build_distributed_callbacks(cfg: VishwamaiConfig) -> list:
     return [DistributedReport()]
 
 
-__all__ = ["Parallelism", "build_distributed_callbacks", "build_parallelism"]
+__all__ = ["Parallelism", "arm_teardown_watchdog", "build_distributed_callbacks", "build_parallelism",
+           "teardown_watchdog"]

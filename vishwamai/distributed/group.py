@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -16,10 +17,12 @@ import torch
 import torch.distributed as dist
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.distributed import Parallelism
+from vishwamai.distributed import Parallelism, arm_teardown_watchdog
 from vishwamai.errors import ConfigError
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Seconds without the GIL at shutdown for Gloo's worker threads to free their last work.
+GLOO_DRAIN_S = 0.2
 
 
 def launched() -> bool:
@@ -107,6 +110,15 @@ class ProcessGroupParallelism(Parallelism):
         dist.barrier()
 
     def shutdown(self) -> None:
-        if dist.is_initialized():
-            self.barrier()  # leave together: no rank tears down while a peer still talks to it
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        self.barrier()  # leave together: no rank tears down while a peer still talks to it
+        # Gloo's worker threads free finished work objects after the collective has
+        # returned; a tensor made in Python needs the GIL for that.  The process group's
+        # destructor (run when its last holder, e.g. the DDP model, goes) joins those
+        # threads while holding the GIL: if a worker had not freed its work yet, both
+        # wait forever (seen about once in 30 runs on 2 cores, after the run had
+        # finished).  Releasing the GIL for a moment lets the workers finish first.
+        time.sleep(GLOO_DRAIN_S)
+        arm_teardown_watchdog()  # and should that not be enough, fail instead of hanging
+        dist.destroy_process_group()
