@@ -1,6 +1,6 @@
 """The cost of each feature when on, as a ratio to the bare trainer (tokens/s), interleaved.
 
-    python bench/features.py [--steps 30] [--rounds 3]
+    python bench/features.py [--steps 30] [--rounds 3] [--only monitoring]
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ from throughput import vishwamai_trainer  # noqa: E402
 FEATURES = {
     "bare trainer": ["monitoring.enabled=false"],
     "monitoring (defaults: TensorBoard + MLflow)": ["monitoring.enabled=true"],
+    # The parts of monitoring's cost: the in-process figures and metrics.jsonl, then each backend.
+    "monitoring, no backend (figures + metrics.jsonl)": ["monitoring.enabled=true", "monitoring.tensorboard.enabled=false",
+                                                         "monitoring.mlflow.enabled=false"],
+    "monitoring, TensorBoard only": ["monitoring.enabled=true", "monitoring.mlflow.enabled=false"],
+    "monitoring, MLflow only": ["monitoring.enabled=true", "monitoring.tensorboard.enabled=false"],
     "checkpointing every 10 steps": ["checkpointing.every_n_steps=10"],
     "dynamic batch (8 -> 16)": ["dynamic_batch_size.enabled=true", "dynamic_batch_size.initial_batch_size=8",
                                 "dynamic_batch_size.target_batch_size=16", "dynamic_batch_size.min_batch_size=4",
@@ -28,10 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="only the features whose name contains this (and the bare trainer)")
     args = parser.parse_args()
     tmp = Path("/tmp/vishwamai_bench")
     variants = {name: (lambda extra=extra: vishwamai_trainer(args.steps, False, tmp, extra))
-                for name, extra in FEATURES.items()}
+                for name, extra in FEATURES.items() if name == "bare trainer" or args.only in name}
     results = interleave(variants, args.rounds)
     base = median([r["tokens_per_s"] for r in results["bare trainer"]])
     lines = ["| feature on | tokens/s | ratio to bare trainer |", "|---|---|---|"]

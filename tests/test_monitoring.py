@@ -244,7 +244,7 @@ def _wait_for_child(sink):
 
 
 def test_mlflow_logs_from_a_low_priority_child_process(tmp_path, tiny_overrides):
-    """MLflow's sink lives in `python -m vishwamai.monitoring.sink_process`, niced below the trainer
+    """MLflow's sink lives in `python -m vishwamai.monitoring.sink_process`, scheduled below the trainer
     (its imports and database work never hold the training process's GIL)."""
     import os
 
@@ -253,6 +253,8 @@ def test_mlflow_logs_from_a_low_priority_child_process(tmp_path, tiny_overrides)
     assert child.args[1:3] == ["-m", "vishwamai.monitoring.sink_process"] and child.pid != os.getpid()
     if hasattr(os, "getpriority"):
         assert os.getpriority(os.PRIO_PROCESS, child.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    if hasattr(os, "SCHED_IDLE"):  # Linux: it runs only in time the trainer leaves idle
+        assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE
     sink.log(1, {"loss": 2.5})
     sink.close()
     from mlflow.tracking import MlflowClient

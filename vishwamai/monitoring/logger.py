@@ -12,6 +12,7 @@ per commit, all holding the GIL) in a `ProcessSink` (a low-priority child proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -135,8 +136,8 @@ class ProcessSink(BackgroundSink):
 
     For backends whose start-up and writes are heavy Python (MLflow: ~2 s of imports and a database
     migration, then a commit per flush).  On a worker thread they hold the GIL and the cores the step
-    needs: the demo's first step took 3.1 s instead of 0.9 s.  A niced child only gets the CPU the
-    trainer leaves idle.  The inner sink is pickled to the child (`python -m
+    needs: the demo's first step took 3.1 s instead of 0.9 s.  The child (Linux: SCHED_IDLE) only
+    gets the CPU the trainer leaves idle.  The inner sink is pickled to the child (`python -m
     vishwamai.monitoring.sink_process`, a fresh interpreter: nothing of the user's script re-runs);
     its start() gets a picklable view of the trainer (`parallel.world_size`).  This class's own
     worker thread does the pipe writes, so a slow child never blocks the training thread.
@@ -148,6 +149,16 @@ class ProcessSink(BackgroundSink):
 
 # How far below the training process a ProcessSink's child runs (Unix nice levels).
 NICENESS = 10
+
+
+def run_in_idle_time(pid: int) -> None:
+    """Process `pid` gets only the CPU time training leaves: Linux's SCHED_IDLE class (it runs when a
+    core would idle and yields at once when a training thread wakes); elsewhere NICENESS levels lower."""
+    if hasattr(os, "setpriority"):
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):  # e.g. a seccomp profile that forbids it: nice alone
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
 
 
 class _RemoteSink(SinkBase):
@@ -164,8 +175,7 @@ class _RemoteSink(SinkBase):
         child = subprocess.Popen(
             [sys.executable, "-m", "vishwamai.monitoring.sink_process", str(to_child_r), str(from_child_w)],
             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
-        if hasattr(os, "setpriority"):  # POSIX: below the trainer, set as soon as it exists
-            os.setpriority(os.PRIO_PROCESS, child.pid, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
+        run_in_idle_time(child.pid)  # as soon as it exists
         self._child = child
         os.close(to_child_r)
         os.close(from_child_w)
