@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def spread(values: list[float]) -> str:
 def record(title: str, lines: list[str]) -> None:
     """Print and append a dated block to bench/RESULTS.md."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = "python " + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = "python " + shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
     block = [f"### {title} — {stamp}", f"machine: {machine()}", f"command: `{command}`", "", *lines, ""]
     print("\n".join(block))
     with RESULTS.open("a") as fh:
