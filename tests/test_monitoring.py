@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ def test_logged_steps_and_derived_figures(monitored_run):
     run_dir, _ = monitored_run
     recs = records(run_dir)
     assert [r["step"] for r in recs] == [4, 5, 8, 10]  # every 4 steps, evaluations, the last step
+    times = [r["time"] for r in recs]  # wall clock of each logged step
+    assert times == sorted(times) and time.time() - 600 < times[0] and times[-1] <= time.time()
     for r in recs:
         groups = [v for k, v in r.items() if k.startswith("grad_norm/")]
         assert {k for k in r if k.startswith("grad_norm/")} == {f"grad_norm/{g}" for g in ("embed", "attn", "mlp", "norm")}
@@ -70,6 +73,8 @@ def test_tensorboard_event_files_hold_scalars_and_histograms(monitored_run):
     recs = records(run_dir)
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in recs]
+    assert [e.wall_time for e in loss] == pytest.approx([r["time"] for r in recs], abs=1e-3)
+    assert not any(t.endswith("time") and "step" not in t for t in acc.Tags()["scalars"])  # a timestamp, not a metric
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in recs], rel=1e-6)
     assert [e.step for e in acc.Scalars("val/loss")] == [5, 10]
     assert {"train/lr", "train/tokens_per_s", "grad_norm/attn", "memory/cpu_rss_mb", "train/mfu"} <= set(
@@ -107,6 +112,9 @@ def test_mlflow_store_holds_params_metrics_and_artifacts(monitored_run):
     recs = records(run_dir)
     history = client.get_metric_history(stored.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in recs]
+    # Timestamped when trained, not when the low-priority child wrote them.
+    assert [m.timestamp for m in history] == [int(r["time"] * 1000) for r in recs]
+    assert "time" not in stored.data.metrics
     assert [m.step for m in client.get_metric_history(stored.info.run_id, "val_loss")] == [5, 10]
     assert stored.data.tags["vishwamai.final_checkpoint"] == summary["final_checkpoint"]
     artifacts = {a.path for a in client.list_artifacts(stored.info.run_id)}
@@ -128,7 +136,9 @@ def test_report_png_and_markdown(monitored_run):
     assert pixels[..., :3].std() > 0.05  # not a blank canvas
     md = (run_dir / "report.md").read_text()
     assert "![curves](report.png)" in md and f"| steps | {summary['steps']} |" in md
-    assert f"## Last logged step ({records(run_dir)[-1]['step']})" in md
+    last = records(run_dir)[-1]
+    logged = datetime.fromtimestamp(last["time"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert f"## Last logged step ({last['step']}, logged {logged})" in md and "| time |" not in md
 
 
 def test_report_cli(tmp_path, capsys):

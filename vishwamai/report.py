@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -79,8 +80,11 @@ def markdown(run_dir: Path, summary: dict[str, Any], last: dict[str, Any], png: 
     lines = [f"# Run report: {run_dir.name}", "", f"![curves]({png.name})", "", "## Summary", "",
              "| | |", "|---|---|"]
     lines += [f"| {label} | {_fmt(summary[key])} |" for label, key in SUMMARY_ROWS if summary.get(key) is not None]
-    lines += ["", f"## Last logged step ({last['step']})", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in last.items() if key != "step" and value is not None]
+    when = (datetime.fromtimestamp(last["time"], timezone.utc).strftime(", logged %Y-%m-%d %H:%M:%S UTC")
+            if "time" in last else "")
+    lines += ["", f"## Last logged step ({last['step']}{when})", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {_fmt(value)} |" for key, value in last.items()
+              if key not in ("step", "time") and value is not None]
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -32,6 +33,8 @@ from vishwamai.train.events import Callback
 # checkpoint's checkpoint_save_s) is carried to the next record so it is not lost.
 STEP_KEYS = frozenset({"step", "loss", "lr", "grad_norm", "batch_size", "micro_batch_size", "tokens",
                        "step_time_s", "tokens_per_s"})
+# Every logged record's wall-clock time (Unix seconds), in metrics.jsonl and as the backends' timestamp.
+TIME_KEY = "time"
 
 
 class MetricSink(Protocol):
@@ -220,8 +223,14 @@ class _RemoteSink(SinkBase):
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numeric entries of a record, for backends that take only numbers (MFU may be None)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    """The metrics of a record, for backends that take only numbers (MFU may be None; `time` is when
+    the step was logged, each backend's timestamp for the point, not a metric)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != TIME_KEY}
+
+
+def logged_at(metrics: dict[str, Any]) -> float:
+    """When the training process logged the record (a backend may write it later)."""
+    return metrics.get(TIME_KEY, time.time())
 
 
 def is_log_step(step: int, every: int, max_steps: int) -> bool:
@@ -282,6 +291,7 @@ class MetricsLogger(Callback):
             record["tokens_per_s"] = self._tokens / self._seconds
             record["samples_per_s"] = self._samples / self._seconds
             record["step_time_s"] = self._seconds / self._steps
+        record[TIME_KEY] = time.time()
         self._reset_window()
         self._carried = {}
         if trainer.is_main:

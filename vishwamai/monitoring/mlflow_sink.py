@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from vishwamai.monitoring.logger import SinkBase, scalars
+from vishwamai.monitoring.logger import SinkBase, logged_at, scalars
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow >= 2.12
@@ -150,8 +150,8 @@ class MlflowSink(SinkBase):
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self._pending += [Metric(k, v, now, step) for k, v in scalars(metrics).items() if math.isfinite(v)]
+        at_ms = int(logged_at(metrics) * 1000)  # when trained, not when this child got to it
+        self._pending += [Metric(k, v, at_ms, step) for k, v in scalars(metrics).items() if math.isfinite(v)]
         if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
             self._flush()
 

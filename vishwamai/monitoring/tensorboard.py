@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vishwamai.monitoring.logger import SinkBase, scalars
+from vishwamai.monitoring.logger import SinkBase, logged_at, scalars
 
 
 def tag(key: str) -> str:
@@ -31,9 +31,10 @@ class TensorBoardSink(SinkBase):
         self.writer = SummaryWriter(str(self.log_dir))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        walltime = logged_at(metrics)
         for key, value in scalars(metrics).items():
             if math.isfinite(value):
-                self.writer.add_scalar(tag(key), value, step)
+                self.writer.add_scalar(tag(key), value, step, walltime=walltime)
 
     def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None:
         for name, values in arrays.items():
