@@ -316,6 +316,28 @@ def test_a_new_local_mlflow_store_is_copied_from_a_migrated_template(tmp_path, m
         logging.getLogger("mlflow.store.db.utils").removeHandler(migrations)
 
 
+def test_histograms_reach_only_the_sinks_that_take_them(tmp_path, tiny_overrides):
+    """Parameter copies are a model's worth each time: never pickled to MLflow's child, which drops them."""
+    import numpy as np
+
+    from vishwamai.monitoring import MetricsLogger, SinkBase, build_sinks
+
+    class Recorder(SinkBase):
+        def __init__(self, takes: bool):
+            self.takes_histograms, self.steps = takes, []
+
+        def log_histograms(self, step, arrays):
+            self.steps.append(step)
+
+    taker, other = Recorder(True), Recorder(False)
+    MetricsLogger([taker, other], 1).log_histograms(3, {"params/w": np.zeros(4)})
+    assert taker.steps == [3] and other.steps == []
+    cfg = compose_config(overrides_on(tiny_overrides) + ["monitoring.histogram_every_n_steps=5"],
+                         run_dir=str(tmp_path / "run"))
+    taking = {getattr(s, "name", type(s).__name__): s.takes_histograms for s in build_sinks(cfg, tmp_path / "run")}
+    assert taking == {"JsonlSink": False, "TensorBoardSink": True, "MlflowSink": False}
+
+
 def test_mlflow_params_are_the_flattened_config():
     from vishwamai.monitoring.mlflow_sink import flatten
 

@@ -38,6 +38,10 @@ TIME_KEY = "time"
 
 
 class MetricSink(Protocol):
+    # Whether log_histograms does anything: parameter copies (a model's worth each time) are
+    # made, queued and pickled only for the sinks that take them.
+    takes_histograms: bool
+
     def start(self, trainer) -> None: ...
 
     def log(self, step: int, metrics: dict[str, Any]) -> None: ...
@@ -51,6 +55,8 @@ class MetricSink(Protocol):
 
 class SinkBase:
     """No-op defaults for the optional parts of MetricSink."""
+
+    takes_histograms = False
 
     def start(self, trainer) -> None: ...
 
@@ -86,6 +92,7 @@ class BackgroundSink(SinkBase):
 
     def __init__(self, inner: MetricSink, name: Optional[str] = None):
         self.inner = inner
+        self.takes_histograms = inner.takes_histograms
         self.name = name or type(inner).__name__  # the backend, in error messages
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
@@ -169,6 +176,7 @@ class _RemoteSink(SinkBase):
 
     def __init__(self, inner: MetricSink):
         self.inner = inner
+        self.takes_histograms = inner.takes_histograms
         self.reply: dict[str, Any] = {}  # the child's summary, after close
         self._child = self._to_child = self._from_child = None
 
@@ -304,9 +312,14 @@ class MetricsLogger(Callback):
         for sink in self.sinks:
             sink.log(step, record)
 
+    @property
+    def takes_histograms(self) -> bool:
+        return any(sink.takes_histograms for sink in self.sinks)
+
     def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None:
         for sink in self.sinks:
-            sink.log_histograms(step, arrays)
+            if sink.takes_histograms:
+                sink.log_histograms(step, arrays)
 
     def _close(self, trainer, failed: bool) -> None:
         if not self._started:

@@ -165,7 +165,7 @@ class Histograms(Callback):
 
     def on_after_backward(self, trainer) -> None:
         step = trainer.state.step + 1
-        if step % self.every or not trainer.is_main:
+        if step % self.every or not trainer.is_main or not self.logger.takes_histograms:
             return
         inv_scale = 1.0 / _loss_scale(trainer)
         arrays: dict[str, np.ndarray] = {}

@@ -21,6 +21,8 @@ def tag(key: str) -> str:
 
 
 class TensorBoardSink(SinkBase):
+    takes_histograms = True
+
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
         self.writer = None
