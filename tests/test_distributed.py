@@ -93,6 +93,18 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert not (run_dir / "metrics.jsonl.1").exists()
 
 
+def test_an_error_after_joining_the_group_ends_every_rank_with_its_message(tmp_path, tiny_overrides):
+    # The vocabulary check runs after the ranks joined the process group: each rank must still
+    # exit (code 2, non-retryable) rather than hang tearing the group down at interpreter exit.
+    # (The exit-time race bound_failing_exit guards against is rare; this checks the path end to end.)
+    cmd = torchrun_cmd(tiny_overrides + ["training.device=cpu", "model.vocab_size=100",
+                                         "distributed.strategy=data_parallel", f"run_dir={tmp_path / 'run'}"])
+    proc = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=150)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: config error at 'model.vocab_size'") == 2  # each rank names the culprit
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # both ranks, the non-retryable code
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_under_ddp_matches(tmp_path, tiny_overrides, single_process_reference):
     """2 ranks x 2 micro-batches of 1 (no_sync on the first) = one process with a batch of 4."""

@@ -204,6 +204,7 @@ def print_outcome(summary: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default_config")
 def main(cfg: DictConfig) -> None:
+    from vishwamai.distributed import bound_failing_exit
     from vishwamai.distributed.launch import launch_workers
 
     try:
@@ -212,7 +213,11 @@ def main(cfg: DictConfig) -> None:
         summary = run(cfg)
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)
+        bound_failing_exit()
         sys.exit(EXIT_NON_RETRYABLE)
+    except BaseException:
+        bound_failing_exit()
+        raise
     if summary.get("run_dir") and (summary.get("world_size", 1) == 1 or summary.get("rank", 0) == 0):
         print_outcome(summary)
     if summary.get("preempted"):

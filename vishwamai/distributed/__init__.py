@@ -13,6 +13,7 @@ import contextlib
 import faulthandler
 import gc
 import os
+import time
 from typing import Any, Iterator
 
 import torch
@@ -93,6 +94,9 @@ class Parallelism:
 
 # How long a multi-process run's teardown (after its last collective) may take.
 TEARDOWN_LIMIT_S = 120
+# Seconds without the GIL before teardown, for Gloo's worker threads to free their last work
+# (see ProcessGroupParallelism.shutdown).
+GLOO_DRAIN_S = 0.2
 _watchdog_armed = False
 
 
@@ -120,6 +124,19 @@ def teardown_watchdog() -> Iterator[None]:
             _watchdog_armed = False
 
 
+def bound_failing_exit() -> None:
+    """A process leaving on an error while in a process group (not a library caller: the CLI).
+
+    The group is then destroyed at interpreter exit, with the same GIL hazard as a normal
+    shutdown, or while a peer still waits in a collective: drain, and end the process within
+    TEARDOWN_LIMIT_S (the watchdog stays armed until exit) so the launcher sees the failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        time.sleep(GLOO_DRAIN_S)
+        arm_teardown_watchdog()
+
+
 def build_parallelism(cfg: VishwamaiConfig) -> Parallelism:
     strategy = cfg.distributed.strategy
     if strategy == "none":
@@ -143,5 +160,5 @@ def build_distributed_callbacks(cfg: VishwamaiConfig) -> list:
     return [DistributedReport()]
 
 
-__all__ = ["Parallelism", "arm_teardown_watchdog", "build_distributed_callbacks", "build_parallelism",
-           "teardown_watchdog"]
+__all__ = ["Parallelism", "arm_teardown_watchdog", "bound_failing_exit", "build_distributed_callbacks",
+           "build_parallelism", "teardown_watchdog"]

@@ -17,12 +17,10 @@ import torch
 import torch.distributed as dist
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.distributed import Parallelism, arm_teardown_watchdog
+from vishwamai.distributed import GLOO_DRAIN_S, Parallelism, arm_teardown_watchdog
 from vishwamai.errors import ConfigError
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# Seconds without the GIL at shutdown for Gloo's worker threads to free their last work.
-GLOO_DRAIN_S = 0.2
 
 
 def launched() -> bool:
