@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vishwamai.errors import DataError
+from vishwamai.monitoring.logger import TIME_KEY
 
 # (panel title, y label, metrics.jsonl keys drawn in it)
 PANELS = (
@@ -80,11 +81,11 @@ def markdown(run_dir: Path, summary: dict[str, Any], last: dict[str, Any], png: 
     lines = [f"# Run report: {run_dir.name}", "", f"![curves]({png.name})", "", "## Summary", "",
              "| | |", "|---|---|"]
     lines += [f"| {label} | {_fmt(summary[key])} |" for label, key in SUMMARY_ROWS if summary.get(key) is not None]
-    when = (datetime.fromtimestamp(last["time"], timezone.utc).strftime(", logged %Y-%m-%d %H:%M:%S UTC")
-            if "time" in last else "")
+    when = (datetime.fromtimestamp(last[TIME_KEY], timezone.utc).strftime(", logged %Y-%m-%d %H:%M:%S UTC")
+            if TIME_KEY in last else "")
     lines += ["", f"## Last logged step ({last['step']}{when})", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in last.items()
-              if key not in ("step", "time") and value is not None]
+              if key not in ("step", TIME_KEY) and value is not None]
     return "\n".join(lines) + "\n"
 
 

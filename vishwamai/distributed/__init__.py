@@ -94,8 +94,7 @@ class Parallelism:
 
 # How long a multi-process run's teardown (after its last collective) may take.
 TEARDOWN_LIMIT_S = 120
-# Seconds without the GIL before teardown, for Gloo's worker threads to free their last work
-# (see ProcessGroupParallelism.shutdown).
+# Seconds without the GIL before teardown, for Gloo's worker threads to free their last work.
 GLOO_DRAIN_S = 0.2
 _watchdog_armed = False
 
@@ -124,17 +123,29 @@ def teardown_watchdog() -> Iterator[None]:
             _watchdog_armed = False
 
 
+def prepare_teardown() -> None:
+    """Before a process group is torn down: let Gloo's workers drain, then bound the teardown.
+
+    Gloo's worker threads free finished work objects after the collective has returned; a
+    tensor made in Python needs the GIL for that.  The group's destructor (run when its last
+    holder, e.g. the DDP model, goes) joins those threads while holding the GIL: if a worker
+    had not freed its work yet, both wait forever (seen about once in 30 runs on 2 cores).
+    Sleeping releases the GIL so the workers finish first; should that not be enough, the
+    watchdog fails the process instead of letting it hang."""
+    time.sleep(GLOO_DRAIN_S)
+    arm_teardown_watchdog()
+
+
 def bound_failing_exit() -> None:
     """A process leaving on an error while in a process group (not a library caller: the CLI).
 
-    The group is then destroyed at interpreter exit, with the same GIL hazard as a normal
-    shutdown, or while a peer still waits in a collective: drain, and end the process within
-    TEARDOWN_LIMIT_S (the watchdog stays armed until exit) so the launcher sees the failure."""
+    The group is then destroyed at interpreter exit, with the same hazard as a normal shutdown,
+    or while a peer still waits in a collective; the watchdog stays armed until exit, so the
+    launcher sees the failure within TEARDOWN_LIMIT_S."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        time.sleep(GLOO_DRAIN_S)
-        arm_teardown_watchdog()
+        prepare_teardown()
 
 
 def build_parallelism(cfg: VishwamaiConfig) -> Parallelism:
@@ -161,4 +172,4 @@ def build_distributed_callbacks(cfg: VishwamaiConfig) -> list:
 
 
 __all__ = ["Parallelism", "arm_teardown_watchdog", "bound_failing_exit", "build_distributed_callbacks",
-           "build_parallelism", "teardown_watchdog"]
+           "build_parallelism", "prepare_teardown", "teardown_watchdog"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from datetime import timedelta
 from typing import Any, Iterator
 
@@ -17,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.distributed import GLOO_DRAIN_S, Parallelism, arm_teardown_watchdog
+from vishwamai.distributed import Parallelism, prepare_teardown
 from vishwamai.errors import ConfigError
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -111,12 +110,5 @@ class ProcessGroupParallelism(Parallelism):
         if not dist.is_initialized():
             return
         self.barrier()  # leave together: no rank tears down while a peer still talks to it
-        # Gloo's worker threads free finished work objects after the collective has
-        # returned; a tensor made in Python needs the GIL for that.  The process group's
-        # destructor (run when its last holder, e.g. the DDP model, goes) joins those
-        # threads while holding the GIL: if a worker had not freed its work yet, both
-        # wait forever (seen about once in 30 runs on 2 cores, after the run had
-        # finished).  Releasing the GIL for a moment lets the workers finish first.
-        time.sleep(GLOO_DRAIN_S)
-        arm_teardown_watchdog()  # and should that not be enough, fail instead of hanging
+        prepare_teardown()  # Gloo drains, and a stuck teardown fails instead of hanging
         dist.destroy_process_group()
