@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from vishwamai.config import validate
@@ -62,6 +63,48 @@ def test_range_and_cross_field_checks_name_the_key(overrides, key):
         validate(cfg)
     assert err.value.key == key
     assert key in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("training.optimizer.lr=inf", "training.optimizer.lr"),
+    ("training.optimizer.lr=nan", "training.optimizer.lr"),
+    ("training.optimizer.weight_decay=inf", "training.optimizer.weight_decay"),
+    ("training.grad_clip=inf", "training.grad_clip"),
+    ("model.rope_theta=-inf", "model.rope_theta"),
+    ("amp.loss_scale.init_scale=inf", "amp.loss_scale.init_scale"),
+    ("distillation.teacher_model.weights=[1.0,inf]", "distillation.teacher_model.weights"),
+    ("tuning.timeout_s=inf", "tuning.timeout_s"),
+    ("monitoring.peak_flops_per_s=inf", "monitoring.peak_flops_per_s"),
+])
+def test_every_float_key_must_be_finite(override, key):
+    # inf passes OmegaConf's float type and a plain `> 0` range check: one lr=inf update ruins the weights.
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([override], run_dir="/tmp/x"))
+    assert err.value.key == key and "finite" in str(err.value)
+
+
+def test_the_finite_check_covers_every_float_field_of_the_schema():
+    # Driven by the dataclasses: each float field set to inf on its own is refused, naming it.
+    import dataclasses
+    import typing
+
+    from vishwamai.config import VishwamaiConfig
+
+    def float_keys(schema, prefix=""):
+        for name, hint in typing.get_type_hints(schema).items():
+            if dataclasses.is_dataclass(hint):
+                yield from float_keys(hint, f"{prefix}{name}.")
+            elif hint in (float, typing.Optional[float]):
+                yield prefix + name
+
+    keys = list(float_keys(VishwamaiConfig))
+    assert len(keys) > 20 and "training.optimizer.lr" in keys
+    for key in keys:
+        cfg = compose_config(run_dir="/tmp/x")
+        OmegaConf.update(cfg, key, float("inf"))
+        with pytest.raises(ConfigError) as err:
+            validate(cfg)
+        assert err.value.key == key
 
 
 SEED_COMMAND_LINES = [

@@ -15,7 +15,9 @@ Each group maps onto one package folder (see README "Architecture"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import typing
+from dataclasses import dataclass, field, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -399,8 +401,27 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"got {value!r}, expected one of {list(choices)}")
 
 
+# Float-typed schema fields; the lists are checked element by element.
+_FLOAT_HINTS = (float, Optional[float])
+_FLOAT_LIST_HINTS = (list[float], Optional[list[float]])
+
+
+def check_finite(cfg: Any, schema: type = VishwamaiConfig, prefix: str = "") -> None:
+    """Every float of the schema is finite: OmegaConf accepts nan and inf for a float, and a
+    range check such as `lr > 0` lets inf through (one update with lr=inf ruins the weights).
+    Driven by the dataclasses, so a float key added to any group is covered without a line here."""
+    for name, hint in typing.get_type_hints(schema).items():
+        value, key = getattr(cfg, name), prefix + name
+        if is_dataclass(hint):
+            check_finite(value, hint, key + ".")
+        elif value is not None and hint in _FLOAT_HINTS + _FLOAT_LIST_HINTS:
+            values = list(value) if hint in _FLOAT_LIST_HINTS else [value]
+            _check(all(math.isfinite(v) for v in values), key, f"must be a finite number, got {value}")
+
+
 def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     """Range and cross-field checks. Raises ConfigError naming the key."""
+    check_finite(cfg)
     m, d, t = cfg.model, cfg.data, cfg.training
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "parallel_factor"):
         _check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
