@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +145,86 @@ def test_reading_windows_keeps_none_of_the_token_file_resident(tmp_path):
         x, y = sampler.next_batch(16)
     assert torch.equal(x[:, 1:], y[:, :-1]) and x.dtype == torch.int64
     assert "tokens.bin" not in Path("/proc/self/smaps").read_text()
+
+
+# ------------------------------------------------------------------ corpus input
+def _tokens_of(path: Path, cache: Path, chunk_bytes: int) -> list[int]:
+    from vishwamai.data.dataset import build_token_file
+
+    bin_path = build_token_file([path], ByteTokenizer(), cache, chunk_bytes=chunk_bytes)
+    return np.fromfile(bin_path, dtype=np.uint16).tolist()
+
+
+def test_chunked_tokenization_gives_the_tokens_of_the_whole_file(tmp_path):
+    # Multi-byte characters and a few invalid bytes (under the refusal threshold) fall across the
+    # boundaries of 7-byte chunks; the token file equals that of one whole-file read.
+    text = ("naïve café — 日本語 ✓ 🙂 " * 400).encode("utf-8")
+    stray = b"\xe2\x82" + b"x" + b"\xff"  # a truncated sequence and a byte never valid in UTF-8
+    data = text[:3000] + stray + text[3000:]
+    corpus = tmp_path / "one.txt"
+    corpus.write_bytes(data)
+    whole = _tokens_of(corpus, tmp_path / "whole", chunk_bytes=1 << 30)
+    for chunk_bytes in (1, 7, 4096):
+        assert _tokens_of(corpus, tmp_path / f"c{chunk_bytes}", chunk_bytes) == whole
+    tok = ByteTokenizer()
+    assert whole == tok.encode(data.decode("utf-8", errors="replace")) + [tok.eos_id]
+
+
+def test_a_binary_file_is_refused_naming_it(tmp_path):
+    elf = Path(sys.executable).resolve()
+    assert elf.read_bytes()[:4] == b"\x7fELF", "needs an ELF interpreter (Linux)"
+    with pytest.raises(DataError, match=rf"{elf}: a binary file, not text \(NUL byte at offset \d+\)"):
+        load_token_data(DataConfig(path=str(elf), cache_dir=str(tmp_path)))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain text " * 100)
+    (folder / "b.txt").write_bytes(elf.read_bytes()[:20000])
+    with pytest.raises(DataError, match="b.txt: a binary file"):
+        load_token_data(DataConfig(path=str(folder), cache_dir=str(tmp_path)))
+    assert not list(tmp_path.rglob("tokens.bin*")), "a refused corpus leaves no partial token file"
+
+
+def test_a_latin1_text_file_is_refused_and_a_few_stray_bytes_warn(tmp_path, caplog):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(("café crème brûlée à la française " * 200).encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.txt: not UTF-8 text: \d+ invalid UTF-8 bytes"):
+        load_token_data(DataConfig(path=str(latin1), cache_dir=str(tmp_path)))
+    stray = tmp_path / "stray.txt"
+    stray.write_bytes(b"plain ascii text " * 2000 + b"\xe9" + b" more text" * 100)  # 1 bad byte in 35 KB
+    with caplog.at_level("WARNING", logger="vishwamai.data.corpus"):
+        data = load_token_data(DataConfig(path=str(stray), seq_len=16, cache_dir=str(tmp_path)))
+    assert data.meta["num_tokens"] > 30_000
+    assert "stray.txt: 1 bytes (0.003%) are not valid UTF-8" in caplog.text
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([b'{"text": "ok"}', b'{"text": "caf\xe9"}'], r"bad.jsonl:2: not UTF-8"),
+    ([b'{"text": "ok"}', b'', b'{"text": 5}'], r"bad.jsonl:3: 'text' must be a string, got int"),
+    ([b'{"text": "ok"}', b'{"text": null}'], r"bad.jsonl:2: 'text' must be a string, got NoneType"),
+    ([b'["text"]'], r"bad.jsonl:1: expected a JSON object with a 'text' field"),
+    ([b'{"text": "ok"}', b'{"text": "unterminated'], r"bad.jsonl:2: not valid JSON"),
+])
+def test_bad_jsonl_lines_are_errors_naming_file_and_line(tmp_path, lines, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=message):
+        load_token_data(DataConfig(path=str(bad), cache_dir=str(tmp_path)))
+
+
+def test_an_empty_or_malformed_tokenizer_file_is_a_config_error(tmp_path):
+    pytest.importorskip("tokenizers")
+    empty, garbage = tmp_path / "empty.json", tmp_path / "garbage.json"
+    empty.write_text("")
+    garbage.write_text("not json")
+    with pytest.raises(ConfigError, match=r"data.tokenizer.*empty.json is not a tokenizer.json \(the file is empty\)"):
+        load_token_data(DataConfig(tokenizer=str(empty), cache_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"garbage.json is not a tokenizer.json"):
+        load_token_data(DataConfig(tokenizer=str(garbage), cache_dir=str(tmp_path)))
+
+
+def test_cli_on_a_binary_corpus_exits_2_naming_the_file_without_a_traceback(tmp_path, run_module):
+    elf = Path(sys.executable).resolve()
+    proc = run_module("vishwamai.training_v2", f"data.path={elf}", f"data.cache_dir={tmp_path}/c",
+                      "monitoring.enabled=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{elf}: a binary file" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,14 +15,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 
 from vishwamai.config import DataConfig
-from vishwamai.data.corpus import iter_documents, resolve_sources
-from vishwamai.data.tokenizer import Tokenizer, build_tokenizer
+from vishwamai.data.corpus import CHUNK_BYTES, iter_documents, resolve_sources
+from vishwamai.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
 from vishwamai.errors import DataError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vishwamai" / "data"
@@ -42,28 +42,40 @@ def _entropy_nats(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path) -> Path:
-    """Tokenise `files` into out_dir/tokens.bin (+ meta.json), atomically; reuse if present."""
+def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path,
+                     chunk_bytes: int = CHUNK_BYTES) -> Path:
+    """Tokenise `files` into out_dir/tokens.bin (+ meta.json), atomically; reuse if present.
+
+    Text is tokenized piece by piece (at most about `chunk_bytes` of it at a time) straight into the
+    file, so peak memory does not depend on the size of the largest file (see _encode_document).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = out_dir / "tokens.bin", out_dir / "meta.json"
     if bin_path.exists() and meta_path.exists():
         return bin_path
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.uint32
+    eos = np.asarray([tokenizer.eos_id], dtype=dtype).tobytes()
     # Unique temporary names: several ranks may build the same cache at once;
     # the rename is atomic, so readers only ever see a complete file.
     suffix = f".tmp{os.getpid()}"
     tmp_bin = bin_path.with_name(bin_path.name + suffix)
     n_tokens, n_docs = 0, 0
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)  # unigram counts, as the file is written
-    with open(tmp_bin, "wb") as fh:
-        for doc in iter_documents(files):
-            ids = np.asarray(tokenizer.encode(doc) + [tokenizer.eos_id], dtype=dtype)
-            fh.write(ids.tobytes())
-            counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-            n_tokens += len(ids)
-            n_docs += 1
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp_bin, "wb") as fh:
+            for doc in iter_documents(files, chunk_bytes):
+                for ids in _encode_document(tokenizer, doc, dtype):
+                    fh.write(ids.tobytes())
+                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+                    n_tokens += len(ids)
+                fh.write(eos)
+                counts[tokenizer.eos_id] += 1
+                n_tokens, n_docs = n_tokens + 1, n_docs + 1
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp_bin.unlink(missing_ok=True)  # a refused file (binary, not UTF-8) leaves no partial token file
+        raise
     meta = {
         "dtype": np.dtype(dtype).name,
         "num_tokens": n_tokens,
@@ -78,6 +90,21 @@ def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path) -> 
     os.replace(tmp_bin, bin_path)
     os.replace(tmp_meta, meta_path)
     return bin_path
+
+
+def _encode_document(tokenizer: Tokenizer, pieces: Iterator[str], dtype: type) -> Iterator[np.ndarray]:
+    """A document's token ids, one array per piece of text.
+
+    The byte tokenizer encodes each piece on its own: exact, since the UTF-8 bytes of a + b are those
+    of a then b, and one piece is all it holds (an array, not a Python int per byte).  Another
+    tokenizer may merge across any cut (BPE merges, a prefix space, special tokens per call), so it
+    gets the document whole: a single huge file is better split into JSONL records for it.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        for piece in pieces:
+            yield np.frombuffer(piece.encode("utf-8"), dtype=np.uint8).astype(dtype)
+    else:
+        yield np.asarray(tokenizer.encode("".join(pieces)), dtype=dtype)
 
 
 class TokenFile:

@@ -44,7 +44,11 @@ class HFTokenizerFile:
         file = Path(path)
         if not file.is_file():
             raise ConfigError("data.tokenizer", f"tokenizer file not found: {file}")
-        self._tok = _Tok.from_file(str(file))
+        try:
+            self._tok = _Tok.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for an empty or malformed file
+            reason = "the file is empty" if file.stat().st_size == 0 else str(e)
+            raise ConfigError("data.tokenizer", f"{file} is not a tokenizer.json ({reason})") from None
         self.vocab_size = self._tok.get_vocab_size()
         eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>") if self._tok.token_to_id(t) is not None), None)
         self.eos_id = self._tok.token_to_id(eos) if eos else self.vocab_size - 1
