@@ -540,6 +540,18 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(tu.timeout_s is None or tu.timeout_s > 0, "tuning.timeout_s", "must be > 0 or null")
 
 
+def check_device(cfg: DictConfig | VishwamaiConfig) -> None:
+    """training.device=cuda on a torch without CUDA (a CPU-only build, or no GPU visible): a config
+    error before anything is built, instead of torch's AssertionError deep in model building.
+    Kept out of validate(), which checks a config for any machine (e.g. before a pod is started)."""
+    import torch
+
+    if cfg.training.device == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ConfigError("training.device", f"cuda requested but {why} (torch {torch.__version__}); "
+                                             "use training.device=cpu or auto")
+
+
 def _validate_distillation(ds: DistillationConfig) -> None:
     """Static checks; the teacher files and layer ranges are checked by vishwamai.distill's builder."""
     tm = ds.teacher_model

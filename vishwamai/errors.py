@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+# The exit-code policy of every vishwamai command (the CLI, its own launcher, the torchrun wrapper):
+# 0 done; 2 for an error a retry cannot fix (bad config, bad data, a NaN run), reported without a
+# traceback and naming the key or file: Kubernetes restart policies key on it so such a pod is not
+# restarted forever; 75 (EX_TEMPFAIL) after SIGTERM (preemption): a checkpoint was saved, rerun with
+# training.resume=auto, and non-zero so a Kubernetes Job does not count the pod as completed;
+# anything else (1, 128 + signal) is a crash.
+EXIT_NON_RETRYABLE = 2
+EXIT_PREEMPTED = 75
+
 
 class VishwamaiError(Exception):
     """Base class: a problem with the user's input, reported before compute starts."""

@@ -10,6 +10,7 @@ optimizer -> callbacks (one per configured feature) -> Trainer.fit -> summary.js
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
@@ -21,17 +22,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vishwamai.config import register_schema, validate
-from vishwamai.errors import ConfigError, NotImplementedYet, VishwamaiError
+from vishwamai.config import check_device, register_schema, validate
+from vishwamai.errors import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, ConfigError, NotImplementedYet, VishwamaiError
 
 register_schema()
-
-# Exit code for errors that a retry cannot fix (bad config, bad data, NaN run):
-# Kubernetes restart policies key on it so such a pod is not restarted forever.
-EXIT_NON_RETRYABLE = 2
-# Exit code after SIGTERM (preemption): a checkpoint was saved, rerun with training.resume=auto.
-# Non-zero so a Kubernetes Job does not count the pod as completed (75 = EX_TEMPFAIL).
-EXIT_PREEMPTED = 75
 
 
 def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> DictConfig:
@@ -111,6 +105,7 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
 
         return run_tuning(cfg)
     validate(cfg)
+    check_device(cfg)
     reject_unimplemented(cfg)
     from vishwamai.distributed import teardown_watchdog
 
@@ -203,10 +198,11 @@ def print_outcome(summary: dict[str, Any]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default_config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     from vishwamai.distributed import bound_failing_exit
     from vishwamai.distributed.launch import launch_workers
 
+    _run_started()
     try:
         if launch_workers(cfg):  # distributed.world_size given without torchrun: workers ran
             return
@@ -222,6 +218,51 @@ def main(cfg: DictConfig) -> None:
         print_outcome(summary)
     if summary.get("preempted"):
         sys.exit(EXIT_PREEMPTED)
+
+
+# Hydra reports its own errors (a misspelt key, a wrong type, a run directory it cannot create) with
+# exit code 1, like a crash.  With HYDRA_FULL_ERROR set it raises them instead, so main() can give
+# them the exit code of every other config error; once the run starts Hydra's usual reporting returns.
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_cli = {"started": False, "set_full_error": False}
+
+
+def _run_started() -> None:
+    _cli["started"] = True
+    if _cli["set_full_error"]:
+        os.environ.pop(_FULL_ERROR, None)  # a crash in the run: Hydra's trimmed traceback, exit code 1
+
+
+def startup_error(e: Exception) -> Optional[str]:
+    """The message for an error Hydra raised before the run started, or None if it is not the user's."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, (HydraException, OmegaConfBaseException)):  # composition: unknown key, wrong type, ...
+        cause = e.__cause__
+        return str(e) + (f"\n{cause}" if isinstance(cause, OmegaConfBaseException) and str(cause) not in str(e) else "")
+    if isinstance(e, OSError) and e.filename:  # Hydra creating the run directory or writing .hydra/ in it
+        path = Path(str(e.filename))
+        why = "exists and is not a directory" if path.exists() and not path.is_dir() else e.strerror
+        return f"hydra.run.dir: cannot create or write {path}: {why}"
+    return None
+
+
+def main() -> None:
+    """`python -m vishwamai.training_v2` / `vishwamai-train`: exit 0 done, 2 for a config or input error
+    (no traceback: the message names the key or file), 75 preempted (checkpoint saved, rerun with
+    training.resume=auto), 1 for a crash."""
+    _cli["set_full_error"] = _FULL_ERROR not in os.environ
+    if _cli["set_full_error"]:
+        os.environ[_FULL_ERROR] = "1"
+    try:
+        _hydra_main()
+    except Exception as e:
+        message = None if _cli["started"] else startup_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_NON_RETRYABLE)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,18 @@ distributed.max_restarts times) restarts the group.
 
 from __future__ import annotations
 
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from vishwamai.config import VishwamaiConfig, validate
+from vishwamai.config import VishwamaiConfig, check_device, validate
 from vishwamai.distributed.group import launched, uses_cuda
-from vishwamai.errors import ConfigError
+from vishwamai.errors import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, ConfigError
 
 
 @dataclass
@@ -77,24 +79,63 @@ def worker_overrides(task_overrides: list[str], run_dir: str, hydra_dir: str) ->
     return kept + [f"run_dir={run_dir}", f"hydra.run.dir={hydra_dir}"]
 
 
-def launch_workers(cfg: VishwamaiConfig) -> bool:
-    """From the CLI: if this run needs its own workers, run them and return True.
+def exit_code_of(failures: Iterable) -> int:
+    """The launcher's exit code from its failed workers' (torch's ProcessFailure records).
 
-    A failed worker ends this process with the worker's exit code (2 stays
-    non-retryable for Kubernetes restart policies).
+    2 (config / input error: a retry cannot fix it) wins; then the first other failure in time (the
+    root cause: the agent stops the rest, which then save and exit 75); 75 if every worker was
+    preempted.  A worker killed by signal N gives 128 + N, as a shell reports it.
     """
-    from hydra.core.hydra_config import HydraConfig
+    codes = [f.exitcode for f in sorted(failures, key=lambda f: f.timestamp) if f.exitcode]
+    if EXIT_NON_RETRYABLE in codes:
+        return EXIT_NON_RETRYABLE
+    root = next((c for c in codes if c != EXIT_PREEMPTED), EXIT_PREEMPTED if codes else 1)
+    return 128 - root if root < 0 else root
+
+
+def signal_exit_code(signum: int) -> int:
+    """The launcher's exit code when it was told to stop: SIGTERM (what Kubernetes sends a pod, or a
+    scheduler preempting a job) is preemption, 75, since the workers were forwarded the signal and
+    checkpoint; any other signal is 128 + its number."""
+    return EXIT_PREEMPTED if signum == signal.SIGTERM else 128 + signum
+
+
+def run_agent(start: Callable[[], object]) -> int:
+    """Run torch's elastic agent (`start`: elastic_launch or torchrun's run) -> the launcher's exit code.
+
+    A failed worker gives exit_code_of() (2 stays non-retryable for Kubernetes restart policies).  On
+    SIGTERM the agent forwards the signal to the workers and waits for them
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default) while they save a checkpoint, then raises: the
+    launcher exits 75 like a single-process run, not torch's 1.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    try:
+        start()
+    except ChildFailedError as e:
+        code = exit_code_of(e.failures.values())
+        print(f"error: a worker failed (exit code {code}): {e.get_first_failure()[1].message}", file=sys.stderr)
+        return code
+    except SignalException as e:
+        print(f"stopped by {e.sigval.name}: the workers were told to save a checkpoint and stop; "
+              f"rerun with training.resume=auto", file=sys.stderr)
+        return signal_exit_code(e.sigval)
+    return 0
+
+
+def launch_workers(cfg: VishwamaiConfig) -> bool:
+    """From the CLI: if this run needs its own workers, run them and return True; if they fail or are
+    stopped, end this process with run_agent()'s exit code."""
+    from hydra.core.hydra_config import HydraConfig
+
     validate(cfg)
+    check_device(cfg)
     if not needs_launch(cfg):
         return False
     hydra_cfg = HydraConfig.get()
-    try:
-        launch(cfg, worker_overrides(list(hydra_cfg.overrides.task), cfg.run_dir, hydra_cfg.runtime.output_dir))
-    except ChildFailedError as e:
-        exit_code = next((f.exitcode for f in e.failures.values() if f.exitcode), 1)
-        print(f"error: a worker failed (exit code {exit_code}): {e.get_first_failure()[1].message}",
-              file=sys.stderr)
-        sys.exit(exit_code if exit_code > 0 else 1)
+    overrides = worker_overrides(list(hydra_cfg.overrides.task), cfg.run_dir, hydra_cfg.runtime.output_dir)
+    code = run_agent(lambda: launch(cfg, overrides))
+    if code:
+        sys.exit(code)
     return True
