@@ -109,8 +109,15 @@ class TrainingConfig:
     # cpu | cuda | auto
     device: str = "auto"
     progress_bar: bool = True
-    # Stop after this many consecutive non-finite steps (see checkpoint issue).
+    # Stop after this many consecutive non-finite steps (a NaN/inf loss or gradient, or an
+    # fp16 step the loss scaler skipped because its gradients overflowed).
     max_consecutive_bad_steps: int = 5
+    # Warn when the gradient norm has been exactly zero this many steps in a row (nothing trains).
+    zero_grad_warn_steps: int = 3
+    # At the end of the run, print a short sample the model generates from this prompt and put
+    # it into the run report (null = no sample).
+    sample_prompt: Optional[str] = None
+    sample_tokens: int = 120
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -118,6 +125,9 @@ class TrainingConfig:
 # ----------------------------------------------------------------------------- amp
 @dataclass
 class LossScaleConfig:
+    # The float16 GradScaler (dynamic loss scaling). bfloat16 has float32's range and needs
+    # none: with bfloat16 `enabled` is accepted and has no effect (the run log says so).
+    enabled: bool = True
     init_scale: float = 65536.0
     growth_interval: int = 2000
 
@@ -127,7 +137,8 @@ class AmpConfig:
     enabled: bool = False
     dtype: str = "bfloat16"  # bfloat16 | float16
     # O1: autocast - weights and optimizer state stay fp32, matmuls run in `dtype`.
-    # O2 (fp16/bf16 weights with fp32 master copies) is not implemented yet.
+    # O2: the model's weights in `dtype`, float32 master weights kept by the optimizer
+    # (norm gains, the loss and the master update stay float32) - train/precision.py.
     opt_level: str = "O1"
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
 
@@ -445,6 +456,9 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(t.eval_every_n_steps >= 0, "training.eval_every_n_steps", "must be >= 0 (0 = only at the end)")
     _check(t.eval_batches > 0, "training.eval_batches", "must be > 0")
     _check(t.grad_clip >= 0, "training.grad_clip", "must be >= 0 (0 = no clipping)")
+    _check(t.max_consecutive_bad_steps > 0, "training.max_consecutive_bad_steps", "must be > 0")
+    _check(t.zero_grad_warn_steps > 0, "training.zero_grad_warn_steps", "must be > 0")
+    _check(t.sample_tokens > 0, "training.sample_tokens", "must be > 0")
     _one_of(t.device, "training.device", ("auto", "cpu", "cuda"))
     _one_of(t.compile_mode, "training.compile_mode", COMPILE_MODES)
     _check(t.compile or t.compile_mode == "default", "training.compile_mode",
@@ -462,7 +476,10 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     a = cfg.amp
     _one_of(a.dtype, "amp.dtype", ("bfloat16", "float16"))
     _one_of(a.opt_level, "amp.opt_level", ("O1", "O2"))
-    _check(a.loss_scale.init_scale > 0, "amp.loss_scale.init_scale", "must be > 0")
+    # A GradScaler scale outside [1, 2^24] either overflows fp16 (max 65504) on the first
+    # backward of every step, or barely scales at all: both mean an fp16 run that never trains.
+    _check(1.0 <= a.loss_scale.init_scale <= 2.0 ** 24, "amp.loss_scale.init_scale",
+           f"must be in [1, 2^24 = 16777216] (a power of two such as 65536), got {a.loss_scale.init_scale}")
     _check(a.loss_scale.growth_interval > 0, "amp.loss_scale.growth_interval", "must be > 0")
 
     c = cfg.checkpointing

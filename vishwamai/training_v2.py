@@ -145,13 +145,15 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     model = build_model(cfg.model, device, check_memory=False)
     if t.init_from:
         load_weights_into(model, t.init_from)
-    model = parallel.wrap(model)
+    precision = Precision(cfg.amp, device)
+    model = parallel.wrap(precision.prepare(model, parallel))  # amp O2: weights cast, float32 masters kept
     if t.compile:
         model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
-    optimizer = parallel.wrap_optimizer(build_optimizer(model, t.optimizer))
+    optimizer = parallel.wrap_optimizer(build_optimizer(precision.optimizer_params(model.parameters()),
+                                                        t.optimizer))
     scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)
     sampler = SequenceSampler(data.train, cfg.data.seq_len, t.seed, parallel.rank, parallel.world_size)
-    trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, Precision(cfg.amp, device),
+    trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, precision,
                       parallel, device, build_callbacks(cfg, run_dir) + list(extra_callbacks))
     if t.resume:  # before on_train_start: every callback starts from the restored state
         from vishwamai.checkpoint import resume

@@ -36,6 +36,8 @@ class Parallelism:
     shards_optimizer = False
     # Ranks one copy of the parameters is split over (FSDP's shard group; 1 = full copy).
     shard_size = 1
+    # The strategy keeps amp O2's float32 master weights itself (FSDP's mixed-precision policy).
+    keeps_master_weights = False
 
     @property
     def is_main(self) -> bool:

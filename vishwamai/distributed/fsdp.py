@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from vishwamai.config import VishwamaiConfig
@@ -39,6 +39,7 @@ def shard_group_size(parallel_factor: int, world_size: int) -> int:
 class FullyShardedParallel(ProcessGroupParallelism):
     sharded = True
     shards_optimizer = True
+    keeps_master_weights = True
 
     def __init__(self, cfg: VishwamaiConfig):
         if cfg.amp.enabled and cfg.amp.dtype == "float16":
@@ -50,6 +51,12 @@ class FullyShardedParallel(ProcessGroupParallelism):
         self.shard_size = shard_group_size(cfg.model.parallel_factor, self.world_size)
         self.replicas = self.world_size // self.shard_size
         self.mesh = self._build_mesh()
+        # amp O2 under sharding is FSDP2's own mixed precision: the sharded float32 parameters are
+        # the master weights the optimizer updates, each unit is gathered in amp.dtype for compute,
+        # and gradients are reduced in float32 (train/precision.py then casts nothing itself).
+        o2 = cfg.amp.enabled and cfg.amp.opt_level == "O2"
+        self.mp_policy = (MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.amp.dtype), reduce_dtype=torch.float32)
+                          if o2 else MixedPrecisionPolicy())
 
     def _build_mesh(self) -> DeviceMesh:
         device_type = self._comm_device.type
@@ -63,8 +70,8 @@ class FullyShardedParallel(ProcessGroupParallelism):
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         for block in getattr(model, "blocks", ()):
-            fully_shard(block, mesh=self.mesh)
-        fully_shard(model, mesh=self.mesh)  # the rest: embeddings (tied with lm_head), final norm
+            fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)  # the rest: embeddings (tied with lm_head), final norm
         return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:

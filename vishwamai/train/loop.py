@@ -19,6 +19,7 @@ callbacks may read or change:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ from vishwamai.errors import VishwamaiError
 from vishwamai.train.events import Callback
 from vishwamai.train.precision import Precision
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(VishwamaiError):
     """Too many consecutive steps with a non-finite loss or gradient."""
@@ -47,6 +50,7 @@ class TrainState:
     samples_seen: int = 0
     skipped_steps: int = 0
     consecutive_bad_steps: int = 0
+    consecutive_zero_grad_steps: int = 0
     best_val_loss: float = math.inf
     last_val_loss: Optional[float] = None
     last_train_loss: Optional[float] = None
@@ -90,7 +94,8 @@ class Trainer:
         self.skip_update = False
         self.should_stop = False
         self.grad_norm = math.nan
-        self.params = [p for p in model.parameters() if p.requires_grad]  # clipped together
+        # Clipped together: the parameters the optimizer updates (amp O2: the float32 masters).
+        self.params = precision.optimizer_params(model.parameters())
         self.fire("on_init")  # before any resume restores the optimizer (callbacks may add param groups)
 
     # ------------------------------------------------------------------ events
@@ -148,7 +153,7 @@ class Trainer:
                 self.train_step(window_ids)
                 return
             except Exception as error:  # noqa: BLE001 - callbacks decide what is recoverable
-                self.optimizer.zero_grad(set_to_none=True)
+                self.precision.zero_grad(self.optimizer)
                 if not self._handled_by_callback(error):
                     raise
 
@@ -179,7 +184,7 @@ class Trainer:
         if not self.skip_update:
             self.precision.step(self.optimizer)
         self.precision.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.zero_grad(self.optimizer)
         self.scheduler.step()
         self._account(len(window_ids), loss_value, grad_norm, term_sums, time.perf_counter() - start)
 
@@ -197,12 +202,15 @@ class Trainer:
         return self.parallel.clip_grad_norm_(self.params, max_norm)  # sharded params: global norm
 
     def _guard_non_finite(self, loss: float, grad_norm: float) -> None:
-        """A non-finite loss or gradient never reaches the weights: skip, count, stop after K."""
-        # With fp16 loss scaling, inf gradients are the scaler's normal business.
-        bad = not math.isfinite(loss) or (not math.isfinite(grad_norm) and not self.precision.uses_loss_scaling)
-        bad = self.parallel.any(bad)
+        """A non-finite loss or gradient never reaches the weights: skip, count, stop after K.
+
+        With fp16 loss scaling, inf gradients are the steps the GradScaler skips (it then lowers the
+        scale): counted too, so a scale that overflows every step stops the run instead of a
+        "successful" run that never trained."""
+        bad = self.parallel.any(not math.isfinite(loss) or not math.isfinite(grad_norm))
         if not bad:
             self.state.consecutive_bad_steps = 0
+            self._watch_zero_gradient(grad_norm)
             return
         self.skip_update = True
         self.state.skipped_steps += 1
@@ -210,10 +218,24 @@ class Trainer:
         self.metrics["skipped_non_finite"] = 1
         limit = self.cfg.training.max_consecutive_bad_steps
         if self.state.consecutive_bad_steps >= limit:
+            hint = ("Lower training.optimizer.lr, enable gradient clipping, or check the data.")
+            if self.precision.uses_loss_scaling:
+                hint = (f"The float16 loss scale ({self.precision.scaler.get_scale():g} now) overflowed: lower "
+                        "amp.loss_scale.init_scale, or use amp.dtype=bfloat16 (no loss scaling needed). " + hint)
             raise NonFiniteLossError(
                 f"{limit} consecutive steps had a non-finite loss or gradient (step {self.state.step}); "
-                "stopping. Lower training.optimizer.lr, enable gradient clipping, or check the data."
+                f"stopping. {hint}"
             )
+
+    def _watch_zero_gradient(self, grad_norm: float) -> None:
+        """A gradient norm of exactly zero, step after step, means nothing trains (e.g. fp16 underflow)."""
+        s = self.state
+        s.consecutive_zero_grad_steps = s.consecutive_zero_grad_steps + 1 if grad_norm == 0.0 else 0
+        if s.consecutive_zero_grad_steps == self.cfg.training.zero_grad_warn_steps and self.is_main:
+            scale = (f" (float16 loss scale {self.precision.scaler.get_scale():g}: raise amp.loss_scale.init_scale "
+                     "or use amp.dtype=bfloat16)" if self.precision.uses_loss_scaling else "")
+            log.warning("the gradient norm has been exactly 0 for %d steps (step %d): the model is not "
+                        "training%s", s.consecutive_zero_grad_steps, s.step + 1, scale)
 
     def _account(self, n_samples: int, loss: float, grad_norm: float, terms: dict, seconds: float) -> None:
         world = self.parallel.world_size

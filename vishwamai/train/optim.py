@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
 from vishwamai.config import OptimizerConfig, SchedulerConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module | Iterable[torch.nn.Parameter], cfg: OptimizerConfig
+                    ) -> torch.optim.AdamW:
+    """AdamW over a model's parameters, or over given ones (amp O2: the float32 masters)."""
     # Matrices (linear weights, embeddings) decay; vectors (norm gains, biases) do not.
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in (model.parameters() if isinstance(model, torch.nn.Module) else model) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [
