@@ -282,12 +282,21 @@ def test_workers_share_the_parent_run_directory():
     assert out == ["a=1", "run_dir=/runs/r1", "hydra.run.dir=/runs/r1"]
 
 
-def test_a_distributed_strategy_without_processes_is_a_clear_error(tiny_cfg, monkeypatch):
+@pytest.mark.parametrize("strategy", ["data_parallel", "model_parallel"])
+def test_a_distributed_strategy_without_a_launcher_trains_a_world_of_one(tmp_path, tiny_overrides, monkeypatch,
+                                                                        caplog, strategy):
+    """The design document's `distributed.strategy=...` lines on a machine with one device or none."""
+    import logging
+
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    tiny_cfg.distributed.strategy = "data_parallel"
-    with pytest.raises(ConfigError, match="distributed.strategy.*torchrun"):
-        build_parallelism(tiny_cfg)
+    overrides = tiny_overrides + ["training.max_steps=4", "training.device=cpu"]
+    with caplog.at_level(logging.WARNING, logger="vishwamai.distributed.group"):
+        out = run(compose_config(overrides + [f"distributed.strategy={strategy}"], run_dir=str(tmp_path / "one")))
+    assert out["world_size"] == 1 and out["parallel"].startswith(f"{strategy} over 1 processes")
+    assert "gains nothing" in caplog.text and "distributed.nproc_per_node" in caplog.text and "torchrun" in caplog.text
+    plain = run(compose_config(overrides, run_dir=str(tmp_path / "plain")))
+    assert out["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=1e-4)
 
 
 def test_bf16_compression_needs_nccl(tiny_cfg):

@@ -8,6 +8,7 @@ the run is on GPUs and Gloo on CPUs unless distributed.backend says otherwise.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from datetime import timedelta
 from typing import Any, Iterator
@@ -19,12 +20,20 @@ from vishwamai.config import VishwamaiConfig
 from vishwamai.distributed import Parallelism, prepare_teardown
 from vishwamai.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def launched() -> bool:
     """True inside a process started by torchrun / the elastic agent / a PyTorchJob pod."""
     return all(key in os.environ for key in LAUNCHER_ENV)
+
+
+def single_process_note(strategy: str) -> str:
+    return (f"distributed.strategy={strategy} in a single process: a world of one runs the same code path but "
+            "gains nothing over distributed.strategy=none. For several processes set distributed.nproc_per_node=N "
+            "(vishwamai starts them) or run `torchrun --nproc_per_node=N -m vishwamai.training_v2 ...`")
 
 
 def uses_cuda(cfg: VishwamaiConfig) -> bool:
@@ -44,16 +53,14 @@ class ProcessGroupParallelism(Parallelism):
 
     def __init__(self, cfg: VishwamaiConfig):
         d = cfg.distributed
-        if not launched():
-            raise ConfigError(
-                "distributed.strategy",
-                f"{d.strategy} needs several processes: start with `torchrun --nproc_per_node=N -m "
-                "vishwamai.training_v2 ...`, or give distributed.world_size / distributed.nproc_per_node "
-                "on the command line so vishwamai launches them",
-            )
-        self.rank = int(os.environ["RANK"])
-        self.world_size = int(os.environ["WORLD_SIZE"])
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # No launcher around us (a laptop, one GPU, a first try): a world of one, the same code
+        # path (DDP/FSDP over one rank), so what works here works on a cluster.
+        alone = not launched()
+        if alone:
+            log.warning(single_process_note(d.strategy))
+        self.rank = 0 if alone else int(os.environ["RANK"])
+        self.world_size = 1 if alone else int(os.environ["WORLD_SIZE"])
+        self.local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
         if d.world_size is not None and d.world_size != self.world_size:
             raise ConfigError("distributed.world_size",
                               f"{d.world_size} but the launcher started {self.world_size} processes")
@@ -67,6 +74,8 @@ class ProcessGroupParallelism(Parallelism):
             kwargs["device_id"] = self._comm_device
         # A finite timeout: a rank stuck in a collective (its peer died without the
         # launcher noticing) raises instead of hanging the job forever.
+        if alone:  # an in-process store: no port, no rendezvous
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(self.backend, timeout=timedelta(seconds=d.timeout_s), **kwargs)
         self._agree_on_run_dir(cfg)
 

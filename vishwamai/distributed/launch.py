@@ -32,9 +32,14 @@ class Layout:
 
 
 def needs_launch(cfg: VishwamaiConfig) -> bool:
-    """A distributed strategy, no launcher around us, and an explicit process count."""
+    """A distributed strategy, no launcher around us, and an explicit process count or several GPUs.
+
+    Otherwise (one device or none, no count) the run is a world of one in this process (distributed/group.py)."""
     d = cfg.distributed
-    return d.strategy != "none" and not launched() and (d.world_size is not None or d.nproc_per_node is not None)
+    if d.strategy == "none" or launched():
+        return False
+    several_gpus = uses_cuda(cfg) and torch.cuda.device_count() > 1  # one process per GPU
+    return d.world_size is not None or d.nproc_per_node is not None or several_gpus
 
 
 def layout(cfg: VishwamaiConfig) -> Layout:
