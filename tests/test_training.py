@@ -254,3 +254,30 @@ def test_init_from_adopts_the_architecture_and_starts_from_its_weights(tmp_path,
     expected = load_model(source / "checkpoints" / "final")
     for (name, a), (_, b) in zip(model.state_dict().items(), expected.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_sample_prompt_ends_the_run_with_a_sample_from_the_trained_model(tmp_path, tiny_overrides):
+    from vishwamai.data.tokenizer import ByteTokenizer
+    from vishwamai.generate import generate_text
+
+    run_dir = tmp_path / "run"
+    summary = run(compose_config(tiny_overrides + [
+        "training.sample_prompt='def '", "training.sample_tokens=40", "monitoring.enabled=true",
+        "monitoring.tensorboard.enabled=false", "monitoring.mlflow.enabled=false"], run_dir=str(run_dir)))
+    assert summary["sample_prompt"] == "def " and summary["sample"]
+    # The text is the final model's own (seeded sampling from the saved weights gives it back).
+    final = load_model(run_dir / "checkpoints" / "final")
+    assert generate_text(final, ByteTokenizer(), "def ", 40, seed=1337) == summary["sample"]
+    assert json.loads((run_dir / "summary.json").read_text())["sample"] == summary["sample"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Sample" in report and summary["sample"] in report
+
+
+def test_o2_with_pruning_fails_loudly(tmp_path):
+    from vishwamai.errors import NotImplementedYet
+    from vishwamai.training_v2 import reject_unimplemented
+
+    cfg = compose_config(["amp.enabled=true", "amp.opt_level=O2", "distillation.pruning.enabled=true"],
+                         run_dir=str(tmp_path))
+    with pytest.raises(NotImplementedYet, match="amp.opt_level=O2 with distillation.pruning"):
+        reject_unimplemented(cfg)

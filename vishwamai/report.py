@@ -83,6 +83,10 @@ def markdown(run_dir: Path, summary: dict[str, Any], last: dict[str, Any], png: 
     lines += [f"| {label} | {_fmt(summary[key])} |" for label, key in SUMMARY_ROWS if summary.get(key) is not None]
     when = (datetime.fromtimestamp(last[TIME_KEY], timezone.utc).strftime(", logged %Y-%m-%d %H:%M:%S UTC")
             if TIME_KEY in last else "")
+    if summary.get("sample") is not None:  # training.sample_prompt: what the trained model writes
+        fence = "~~~~"  # not ``` : the sample may contain backticks itself
+        lines += ["", f"## Sample (prompt {summary.get('sample_prompt', '')!r})", "", fence + "text",
+                  f"{summary.get('sample_prompt', '')}{summary['sample']}", fence]
     lines += ["", f"## Last logged step ({last['step']}{when})", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {_fmt(value)} |" for key, value in last.items()
               if key not in ("step", TIME_KEY) and value is not None]

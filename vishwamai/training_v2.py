@@ -40,6 +40,10 @@ def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> 
 def reject_unimplemented(cfg: DictConfig) -> None:
     """Configured features that this build does not provide yet fail loudly, never silently."""
     pending = {
+        # Pruning masks the model's weights after each step; under O2 the float32 masters would
+        # bring the pruned weights back at the next update.
+        "amp.opt_level=O2 with distillation.pruning.enabled=true (use amp.opt_level=O1)":
+            cfg.amp.enabled and cfg.amp.opt_level == "O2" and cfg.distillation.pruning.enabled,
     }
     for key, requested in pending.items():
         if requested:
@@ -80,6 +84,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from vishwamai.distill import build_distillation
     from vishwamai.compress import build_compression
     from vishwamai.distributed import build_distributed_callbacks
+    from vishwamai.generate import build_sampling
     from vishwamai.monitoring import build_monitoring
     from vishwamai.tune import build_tuning_callbacks
 
@@ -95,6 +100,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     callbacks += build_monitoring(cfg, run_dir)
     callbacks += build_distributed_callbacks(cfg)
     callbacks += build_tuning_callbacks(cfg)  # Katib's name=value lines
+    callbacks += build_sampling(cfg)  # training.sample_prompt: a sample of the trained model's text
     return callbacks
 
 
@@ -197,6 +203,8 @@ def print_outcome(summary: dict[str, Any]) -> None:
                        ("mlflow", "mlflow_run"), ("report", "report")):
         if key in summary:
             print(f"  {label}: {summary[key]}")
+    if "sample" in summary:
+        print(f"sample (training.sample_prompt={summary['sample_prompt']!r}):\n{summary['sample_prompt']}{summary['sample']}")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default_config")
