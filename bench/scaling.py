@@ -18,12 +18,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _harness import record  # noqa: E402
 
 CHILD = r"""
-import json, resource, sys
+import json, resource, sys, torch
 from vishwamai.training_v2 import compose_config, run
 overrides, run_dir = json.loads(sys.argv[1]), sys.argv[2]
 s = run(compose_config(overrides, run_dir=run_dir))
+cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 print(json.dumps({"tokens_per_s": s["tokens_per_s"], "params": s["num_parameters"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_cuda_mb": cuda}))
 """
 COMMON = ["training.eval_every_n_steps=0", "training.eval_batches=1", "training.progress_bar=false",
           "monitoring.enabled=false"]
