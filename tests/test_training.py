@@ -281,3 +281,12 @@ def test_o2_with_pruning_fails_loudly(tmp_path):
                          run_dir=str(tmp_path))
     with pytest.raises(NotImplementedYet, match="amp.opt_level=O2 with distillation.pruning"):
         reject_unimplemented(cfg)
+
+
+def test_demo_ends_by_printing_a_sample(tmp_path, tiny_overrides, run_module):
+    # `make demo` = +experiment=demo (sample_prompt "def "), here at the tiny size for 3 steps.
+    proc = run_module("vishwamai.training_v2", "+experiment=demo", *tiny_overrides, "training.max_steps=3",
+                      f"hydra.run.dir={tmp_path}/demo", timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    sample = json.loads((tmp_path / "demo" / "summary.json").read_text())["sample"]
+    assert "sample (training.sample_prompt='def '):\ndef " + sample in proc.stdout
