@@ -71,7 +71,8 @@ def test_use_a_different_model_configuration(tmp_path, tiny_overrides):
     # model=7B with its sizes shrunk (the group's other keys, e.g. untied embeddings, stay).
     shrink = ["model.vocab_size=257", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
               "model.ffn_hidden=128", "model.max_seq_len=64"]
-    summary = run_with(tmp_path, doc_command("python -m vishwamai.training_v2 model=7B") + tiny_overrides + shrink + STEPS)
+    line = "python -m vishwamai.training_v2 model=7B"
+    summary = run_with(tmp_path, doc_command(line) + tiny_overrides + shrink + STEPS)
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.model.name == "7B" and saved.model.tie_embeddings is False and summary["steps"] == 4
 
@@ -329,7 +330,8 @@ SHRUNK_SCHEDULE = ["distillation.pruning.begin_step=1", "distillation.pruning.en
 def test_distillation_blocks(tmp_path, tiny_overrides, trained_teacher, name, block):
     cfg = compose_config(tiny_overrides + STEPS + (TWELVE_BLOCKS if name == "full" else [])
                          + [f"distillation.teacher_model.path={trained_teacher}"], run_dir=str(tmp_path / "run"))
-    cfg.merge_with(doc_yaml(block.replace("/path/to/teacher", trained_teacher)), OmegaConf.from_dotlist(SHRUNK_SCHEDULE))
+    cfg.merge_with(doc_yaml(block.replace("/path/to/teacher", trained_teacher)),
+                   OmegaConf.from_dotlist(SHRUNK_SCHEDULE))
     summary = run(cfg)
     assert summary["steps"] == 4
     if "pruning:\n    enabled: true" in block:

@@ -204,7 +204,8 @@ def print_outcome(summary: dict[str, Any]) -> None:
         if key in summary:
             print(f"  {label}: {summary[key]}")
     if "sample" in summary:
-        print(f"sample (training.sample_prompt={summary['sample_prompt']!r}):\n{summary['sample_prompt']}{summary['sample']}")
+        prompt = summary["sample_prompt"]
+        print(f"sample (training.sample_prompt={prompt!r}):\n{prompt}{summary['sample']}")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="default_config")

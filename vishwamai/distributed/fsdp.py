@@ -71,7 +71,8 @@ class FullyShardedParallel(ProcessGroupParallelism):
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         for block in getattr(model, "blocks", ()):
             fully_shard(block, mesh=self.mesh, mp_policy=self.mp_policy)
-        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)  # the rest: embeddings (tied with lm_head), final norm
+        # The rest: embeddings (tied with lm_head), final norm.
+        fully_shard(model, mesh=self.mesh, mp_policy=self.mp_policy)
         return model
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:

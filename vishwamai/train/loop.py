@@ -218,7 +218,7 @@ class Trainer:
         self.metrics["skipped_non_finite"] = 1
         limit = self.cfg.training.max_consecutive_bad_steps
         if self.state.consecutive_bad_steps >= limit:
-            hint = ("Lower training.optimizer.lr, enable gradient clipping, or check the data.")
+            hint = "Lower training.optimizer.lr, enable gradient clipping, or check the data."
             if self.precision.uses_loss_scaling:
                 hint = (f"The float16 loss scale ({self.precision.scaler.get_scale():g} now) overflowed: lower "
                         "amp.loss_scale.init_scale, or use amp.dtype=bfloat16 (no loss scaling needed). " + hint)
