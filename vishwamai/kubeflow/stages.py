@@ -317,7 +317,7 @@ def html_report(markdown: str, plots: list[Path]) -> str:
 
 def pretrain_job(overrides: list[str], model_preset: str, steps: int, job: dict[str, Any], model_out: str,
                  metrics: MetricsSink, corpus: Optional[str] = None, timeout_s: float = 172800,
-                 apis: Optional[tuple] = None) -> dict[str, Any]:
+                 apis: Optional[tuple] = None, poll_s: float = 10.0) -> dict[str, Any]:
     """The teacher trained by a multi-node PyTorchJob (vishwamai.kubeflow.pytorchjob): `job` is the job without
     its training overrides; the user's corpus, if any, is copied onto the shared volume first."""
     import json
@@ -342,7 +342,7 @@ def pretrain_job(overrides: list[str], model_preset: str, steps: int, job: dict[
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         replica["template"]["spec"]["containers"][0]["args"].extend(stage)
     custom, core = apis or pj.kubernetes_apis()
-    pj.run_job(custom, core, job, timeout_s)
+    pj.run_job(custom, core, job, timeout_s, poll_s)
     lean_model(pj.run_dir(name), model_out)
     summary = json.loads((Path(model_out) / "summary.json").read_text())
     log_summary(metrics, summary)
