@@ -129,11 +129,17 @@ def cmd_upload(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    run = client(args).create_run_from_pipeline_package(
+    kfp_client = client(args)
+    run = kfp_client.create_run_from_pipeline_package(
         package(args), arguments=parse_params(args.param), run_name=args.run_name,
         experiment_name=args.experiment, namespace=profile_namespace(args),
         enable_caching=not args.no_cache)
     print(f"run {run.run_id} started")
+    if args.wait:
+        state = kfp_client.wait_for_run_completion(run.run_id, timeout=args.wait).state
+        print(f"run {run.run_id}: {state}")
+        if state != "SUCCEEDED":
+            raise SystemExit(1)
 
 
 def run_local(params: dict[str, Any], pipeline_root: str, image: Optional[str] = None,
@@ -221,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     r.add_argument("--experiment", default="vishwamai")
     r.add_argument("--run-name", default=None)
+    r.add_argument("--wait", type=int, default=0, metavar="SECONDS",
+                   help="wait for the run to finish (exit 1 unless it succeeded)")
     r.set_defaults(func=cmd_run)
 
     lr = sub.add_parser("run-local", help="run every stage here through kfp.local (no cluster)")

@@ -497,6 +497,10 @@ def test_run_compiles_and_submits_with_params_and_token_file(tmp_path, monkeypat
             calls["run"] = (path, kwargs)
             return type("R", (), {"run_id": "run-1"})()
 
+        def wait_for_run_completion(self, run_id, timeout):
+            calls["wait"] = (run_id, timeout)
+            return type("R", (), {"state": calls.get("state", "SUCCEEDED")})()
+
     token = tmp_path / "token"
     token.write_text("secret-token\n")
     monkeypatch.setattr(kfp, "Client", RecordingClient)
@@ -514,6 +518,13 @@ def test_run_compiles_and_submits_with_params_and_token_file(tmp_path, monkeypat
     monkeypatch.setenv("KFP_NAMESPACE", "other-team")
     cli_main(["run", "--package", path])
     assert calls["client"]["namespace"] == "pipelines" and calls["run"][1]["namespace"] == "other-team"
+    assert "wait" not in calls
+    cli_main(["run", "--package", path, "--wait", "60"])  # the kind walkthrough waits for its runs
+    assert calls["wait"] == ("run-1", 60)
+    calls["state"] = "FAILED"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["run", "--package", path, "--wait", "60"])
+    assert e.value.code == 1
 
 
 def test_probing_the_masters_store_does_not_disturb_it():
