@@ -332,20 +332,28 @@ def test_html_report_embeds_the_plot(tmp_path):
     assert page.count("data:image/png;base64,") == 1 and "&lt;loss&gt;" in page
 
 
-@pytest.mark.slow  # ~12 s: a subprocess that imports kfp, torch and trains
-def test_pretrain_component_runs_in_kfp_local(tmp_path, tiny_overrides):
-    """One real stage through kfp.local: Model, Dataset and Metrics artifacts come out."""
-    from kfp import local
+@pytest.mark.slow  # ~20 s: subprocesses that import kfp, torch and train
+def test_prepare_and_pretrain_components_run_in_kfp_local(tmp_path, tiny_overrides):
+    """Two real stages through kfp.local: a lean Model, the Dataset and Metrics artifacts come out."""
+    from kfp import dsl, local
+    from kfp.dsl import Model
 
     from components import build_components
 
+    c = build_components("unused:0")
+
+    @dsl.pipeline(name="prepare-pretrain")
+    def two(overrides: list) -> Model:
+        prep = c["prepare"](overrides=overrides, model_preset="tiny", pretrain_steps=4, student_overrides=[],
+                            distill_steps=4, target_sparsity=0.5, prune_steps=4)
+        return c["pretrain"](overrides=overrides, model_preset="tiny", steps=4,
+                             dataset=prep.outputs["dataset"]).outputs["model"]
+
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    task = build_components("unused:0")["pretrain"](overrides=tiny_overrides, model_preset="tiny", steps=4)
-    model, dataset, metrics = task.outputs["model"], task.outputs["dataset"], task.outputs["metrics"]
-    assert (Path(model.path) / "checkpoints" / "final" / "model_config.json").is_file()
-    assert json.loads((Path(model.path) / "summary.json").read_text())["steps"] == 4
-    assert list(Path(dataset.path).glob("*/tokens.bin"))
-    assert metrics.metadata["steps"] == 4.0 and metrics.metadata["val_perplexity"] > 1.0
+    model = Path(two(overrides=tiny_overrides).output.path)
+    assert (model / "model_config.json").is_file() and not (model / "trainer_state.pt").exists()
+    assert not (model / "checkpoints").exists()
+    assert json.loads((model / "summary.json").read_text())["steps"] == 4
 
 
 def missing_stage_modules() -> list[str]:
@@ -375,6 +383,10 @@ def test_whole_pipeline_runs_end_to_end_in_kfp_local(tmp_path, tiny_overrides):
     task = run_local({"overrides": tiny_overrides, "pretrain_steps": 6, "distill_steps": 6, "prune_steps": 6,
                       "student_overrides": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"],
                       "target_sparsity": 0.5, "calibration_steps": 2}, str(tmp_path / "root"))
+    check_pipeline_outputs(task)
+
+
+def check_pipeline_outputs(task) -> None:
     report = Path(task.outputs["report"].path).read_text()
     for name in ("teacher", "student", "pruned", "quantized"):
         assert name in report
@@ -402,13 +414,14 @@ def test_compression_stages_chain_in_kfp_local_without_distillation(tmp_path, ti
 
     @dsl.pipeline(name="compression-chain")
     def chain(overrides: list) -> NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML):
-        pre = c["pretrain"](overrides=overrides, model_preset="tiny", steps=6)
-        pru = c["prune"](student=pre.outputs["model"], dataset=pre.outputs["dataset"], overrides=overrides,
-                         target_sparsity=0.5, steps=6)
-        qua = c["quantize"](pruned=pru.outputs["pruned"], dataset=pre.outputs["dataset"], mode="dynamic",
-                            calibration_steps=2)
+        prep = c["prepare"](overrides=overrides, model_preset="tiny", pretrain_steps=6, student_overrides=[],
+                            distill_steps=6, target_sparsity=0.5, prune_steps=6)
+        data = prep.outputs["dataset"]
+        pre = c["pretrain"](overrides=overrides, model_preset="tiny", steps=6, dataset=data)
+        pru = c["prune"](student=pre.outputs["model"], dataset=data, overrides=overrides, target_sparsity=0.5, steps=6)
+        qua = c["quantize"](pruned=pru.outputs["pruned"], dataset=data, mode="dynamic", calibration_steps=2)
         ev = c["evaluate"](teacher=pre.outputs["model"], student=pre.outputs["model"], pruned=pru.outputs["pruned"],
-                           quantized=qua.outputs["quantized"], dataset=pre.outputs["dataset"])
+                           quantized=qua.outputs["quantized"], dataset=data)
         outputs = NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML)
         return outputs(ev.outputs["metrics"], ev.outputs["report"], ev.outputs["report_html"])
 
@@ -422,6 +435,31 @@ def test_compression_stages_chain_in_kfp_local_without_distillation(tmp_path, ti
     assert "| quantized |" in report and "## pruned: training" in report  # comparison + run reports
     # The comparison plot and the training curves of teacher, student (= teacher here) and pruned.
     assert Path(task.outputs["report_html"].path).read_text().count("data:image/png;base64,") == 4
+
+
+@pytest.mark.slow
+def test_pipeline_runs_on_the_users_corpus_with_an_existing_teacher(tmp_path, tiny_overrides, trained_teacher):
+    """The shape --corpus-input --teacher-input through kfp.local: the corpus file and the teacher's run
+    directory come in through dsl.importer, nothing is pretrained, and every stage reads the user's text."""
+    from pipelines.cli import run_local
+    from pipelines.training_pipeline import PipelineShape
+
+    corpus = tmp_path / "my-corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the user's own text about rivers, boats and weather.\n" for i in range(3000)))
+    root = tmp_path / "root"
+    task = run_local({"overrides": tiny_overrides, "corpus_uri": str(corpus), "teacher_uri": trained_teacher,
+                      "distill_steps": 6, "prune_steps": 6, "calibration_steps": 2,
+                      "student_overrides": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"]},
+                     str(root), shape=PipelineShape(corpus_uri=True, teacher_uri=True))
+    metrics = task.outputs["metrics"].metadata
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    assert metrics["quantized_size_bytes"] < metrics["pruned_size_bytes"]
+    ran = {p.name for p in root.glob("*/*") if p.is_dir()}
+    assert not any(name.startswith("pretrain") for name in ran), ran  # a teacher was given: no pretraining
+    student_config = yaml.safe_load(next(root.glob("*/distill*/student/config.yaml")).read_text())
+    assert student_config["data"]["path"] == str(corpus)  # the user's corpus, not the embedded one
+    assert student_config["distillation"]["teacher_model"]["path"].startswith(trained_teacher)
+    assert "| teacher |" in Path(task.outputs["report"].path).read_text()
 
 
 # ------------------------------------------------------------------------------- pod launcher
