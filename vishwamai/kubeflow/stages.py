@@ -82,22 +82,21 @@ def data_overrides(dataset_dir: str, corpus: Optional[str]) -> list[str]:
     return [f"data.cache_dir={dataset_dir}", *([f"data.path={corpus}"] if corpus else [])]
 
 
-def train(overrides: list[str], model_out: str, dataset_dir: str, corpus: Optional[str] = None,
-          run_dir: Optional[str] = None) -> dict[str, Any]:
-    """`python -m vishwamai.training_v2 *overrides` in a scratch run directory (or run_dir), data cached in
-    dataset_dir; the chosen model and the run's records then go to model_out (lean_model).
+def train(overrides: list[str], model_out: str, dataset_dir: str, corpus: Optional[str] = None) -> dict[str, Any]:
+    """`python -m vishwamai.training_v2 *overrides` in a scratch run directory, data cached in dataset_dir;
+    the chosen model and the run's records then go to model_out (lean_model).
 
-    training.resume=auto: a retried pod whose run_dir survived (a shared volume) continues from its last
-    checkpoint instead of being refused for a run directory that already holds checkpoints."""
+    training.resume=auto, as every pod command here: a run directory that already holds checkpoints is
+    continued, never refused (the multi-node job's, on a shared volume, does survive a restart)."""
     from vishwamai.training_v2 import compose_config, run
 
-    scratch = run_dir or tempfile.mkdtemp(prefix="vishwamai-run-")
-    Path(scratch).mkdir(parents=True, exist_ok=True)
-    with user_errors():
-        summary = run(compose_config([*overrides, *data_overrides(dataset_dir, corpus), "training.resume=auto"],
-                                     run_dir=scratch))
-    lean_model(scratch, model_out)
-    if run_dir is None:
+    scratch = tempfile.mkdtemp(prefix="vishwamai-run-")
+    try:
+        with user_errors():
+            summary = run(compose_config([*overrides, *data_overrides(dataset_dir, corpus), "training.resume=auto"],
+                                         run_dir=scratch))
+        lean_model(scratch, model_out)
+    finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return summary
 
