@@ -67,8 +67,7 @@ def user_errors() -> Iterator[None]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from vishwamai.errors import VishwamaiError
-    from vishwamai.training_v2 import EXIT_NON_RETRYABLE
+    from vishwamai.errors import EXIT_NON_RETRYABLE, VishwamaiError
 
     try:
         yield
