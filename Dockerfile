@@ -7,12 +7,18 @@
 #
 # The CUDA variant needs no CUDA base image: torch's cu128 wheels carry the CUDA runtime
 # libraries, and the node's driver comes in through the NVIDIA container toolkit.
-ARG PYTHON_VERSION=3.11
+#
+# Reproducible: the base image is pinned by digest, and every Python dependency by
+# constraints/image.txt (scripts/image_constraints.py writes it from an environment where the test
+# suite passed).  Dependencies install in their own layers before the source is copied, so editing
+# the code rebuilds only the last layers.  To bump the base image:
+#   docker buildx imagetools inspect python:3.11-slim --format '{{json .Manifest.Digest}}'
+# and put the digest into both FROM lines (the same image for the build and the runtime stage).
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7 AS build
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
-ARG EXTRAS=monitoring,kubeflow,tune
+ARG EXTRAS=monitoring,kubeflow,tune,wandb
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -23,14 +29,20 @@ RUN case "$VARIANT" in \
       *) echo "VARIANT must be cpu or cuda, got $VARIANT" >&2; exit 1 ;; \
     esac && pip install "torch==${TORCH_VERSION}" --index-url "$index"
 WORKDIR /src
+# The dependencies alone (a cached layer while pyproject.toml and the constraints stay the same): the
+# project's metadata with an empty package, installed with the pinned versions, then removed again.
 COPY pyproject.toml README.md ./
+COPY constraints/image.txt ./constraints/image.txt
+RUN mkdir -p vishwamai components pipelines && touch vishwamai/__init__.py components/__init__.py pipelines/__init__.py \
+    && pip install -c constraints/image.txt ".[${EXTRAS}]" && pip uninstall -y vishwamai \
+    && rm -rf vishwamai components pipelines build ./*.egg-info
 COPY vishwamai ./vishwamai
 COPY components ./components
 COPY pipelines ./pipelines
 # Bytecode compiled now: at run time the root filesystem is read-only.
-RUN pip install ".[${EXTRAS}]" && python -m compileall -q /opt/venv
+RUN pip install --no-deps . && python -m compileall -q /opt/venv
 
-FROM python:${PYTHON_VERSION}-slim AS runtime
+FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7 AS runtime
 ARG VARIANT=cpu
 LABEL org.opencontainers.image.title="vishwamai" \
       org.opencontainers.image.description="Train and compress transformer language models (${VARIANT})" \

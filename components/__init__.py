@@ -1,4 +1,5 @@
-"""KFP v2 lightweight components, one per stage: pretrain, distill, prune, quantize, evaluate.
+"""KFP v2 lightweight components, one per stage: prepare, pretrain (or pretrain_job: a multi-node
+PyTorchJob), distill, prune, quantize, evaluate.
 
 Each is a thin function around vishwamai.kubeflow.stages (the package's own entry points;
 no training logic here).  KFP copies only a component function's source into the pod, so each
@@ -20,7 +21,9 @@ from kfp import dsl
 
 from components.distill import distill
 from components.evaluate import evaluate
+from components.prepare import prepare
 from components.pretrain import pretrain
+from components.pretrain_job import pretrain_job
 from components.prune import prune
 from components.quantize import quantize
 
@@ -28,7 +31,9 @@ from components.quantize import quantize
 DEFAULT_IMAGE = os.environ.get("VISHWAMAI_IMAGE", "vishwamai:0.1.0-cpu")
 
 STAGES: dict[str, Callable] = {
+    "prepare": prepare,
     "pretrain": pretrain,
+    "pretrain_job": pretrain_job,
     "distill": distill,
     "prune": prune,
     "quantize": quantize,
@@ -37,6 +42,6 @@ STAGES: dict[str, Callable] = {
 
 
 def build_components(image: str = DEFAULT_IMAGE) -> dict[str, Callable]:
-    """The five stage components, running in `image`."""
+    """The stage components, running in `image`."""
     return {name: dsl.component(fn, base_image=image, packages_to_install=[], install_kfp_package=False)
             for name, fn in STAGES.items()}

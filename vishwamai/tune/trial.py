@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import datetime, timezone
 import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -82,16 +83,19 @@ class Reporter(Callback):
 
 
 class KatibStdout(Callback):
-    """`validation_loss=1.234567` lines for Katib's StdOut metrics collector.
+    """`2026-01-02T03:04:05.678901Z validation_loss=1.234567` lines for Katib's StdOut metrics collector.
 
     One `name=value` pair per line, matching Katib's default filter
-    `([\\w|-]+)\\s*=\\s*([+-]?\\d*(\\.\\d+)?([Ee][+-]?\\d+)?)`; only rank 0 prints.
+    `([\\w|-]+)\\s*=\\s*([+-]?\\d*(\\.\\d+)?([Ee][+-]?\\d+)?)`, after an RFC 3339 timestamp: the
+    collector takes a line's first word as its time when it parses as one, so the "latest" metric
+    strategy follows time rather than row order.  Only rank 0 prints.
     """
 
     def on_eval_end(self, trainer, *, val_loss: float) -> None:
         if not trainer.is_main:
             return
+        stamp = datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
         for name, key in METRICS.items():
             value = trainer.metrics.get(key)
             if value is not None and math.isfinite(value):
-                print(f"{name}={value:.6g}", flush=True)
+                print(f"{stamp} {name}={value:.6g}", flush=True)
