@@ -42,6 +42,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    # Biases on the query/key/value projections (Qwen2-family models have them).
+    qkv_bias: bool = False
     init_std: float = 0.02
     # Shard-group size for model_parallel (hybrid sharding), see distributed/.
     parallel_factor: int = 1
@@ -330,6 +332,9 @@ class DistillationConfig:
     attention_distillation: AttentionDistillationConfig = field(default_factory=AttentionDistillationConfig)
     hidden_distillation: HiddenDistillationConfig = field(default_factory=HiddenDistillationConfig)
     embedding_distillation: EmbeddingDistillationConfig = field(default_factory=EmbeddingDistillationConfig)
+    # random | teacher_layers: the student (same width as the teacher, model.n_layers blocks) starts
+    # from evenly spaced teacher blocks plus its embeddings, final norm and head (DistilBERT's recipe).
+    student_init: str = "random"
     # The seed nests compression here; it also runs without distillation.enabled.
     pruning: PruningConfig = field(default_factory=PruningConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -443,6 +448,8 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
         _check(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
                f"must divide n_heads={m.n_heads}, got {m.n_kv_heads}")
     _check(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {m.dropout_rate}")
+    _check(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+    _check(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
 
     _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
     _check(d.seq_len <= m.max_seq_len, "data.seq_len",
@@ -519,6 +526,10 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(0 <= ds.teacher_model.alpha <= 1, "distillation.teacher_model.alpha", "must be in [0, 1]")
     if ds.enabled:
         _validate_distillation(ds)
+    _check(ds.student_init == "random" or ds.enabled, "distillation.student_init",
+           f"{ds.student_init!r} initialises the student from the teacher: needs distillation.enabled=true")
+    _check(ds.student_init == "random" or cfg.distributed.strategy != "model_parallel", "distillation.student_init",
+           f"{ds.student_init!r} is not supported with distributed.strategy=model_parallel (sharded student)")
     p = ds.pruning
     if p.enabled:
         _check(0 <= p.target_sparsity < 1, "distillation.pruning.target_sparsity", "must be in [0, 1)")
@@ -580,6 +591,7 @@ def _validate_distillation(ds: DistillationConfig) -> None:
     _check(all(w >= 0 for w in tm.weights) and (not tm.weights or sum(tm.weights) > 0),
            "distillation.teacher_model.weights", "must be >= 0 with a positive sum")
     _one_of(tm.dtype, "distillation.teacher_model.dtype", ("float32", "bfloat16"))
+    _one_of(ds.student_init, "distillation.student_init", ("random", "teacher_layers"))
     _check(tm.kd_chunk_size > 0, "distillation.teacher_model.kd_chunk_size", "must be > 0")
     for name in ("feature_distillation", "attention_distillation", "hidden_distillation", "embedding_distillation"):
         weight = getattr(ds, name).loss_weight

@@ -37,9 +37,12 @@ def build_checkpointing(cfg, run_dir: str | Path) -> list:
 
 
 def find_model_dir(path: str | Path) -> Path:
-    """A model directory from a run directory (best, else latest, else final) or a checkpoint dir."""
+    """A model directory from a run directory (best, else latest, else final), a checkpoint dir,
+    or a Hugging Face model directory (vishwamai/hf)."""
+    from vishwamai.hf import is_hf_model_dir
+
     path = Path(path).expanduser()
-    if (path / "model_config.json").is_file():
+    if (path / "model_config.json").is_file() or is_hf_model_dir(path):
         return path
     root = checkpoints_root(path)
     for candidate in (root / BEST, latest_dir(root), root / FINAL):

@@ -58,6 +58,10 @@ def save_model(directory: str | Path, model: torch.nn.Module, model_cfg,
 
 
 def read_model_config(directory: str | Path) -> ModelConfig:
+    from vishwamai.hf import hf_model_config, is_hf_model_dir
+
+    if is_hf_model_dir(directory):  # a Hugging Face model directory (vishwamai/hf)
+        return hf_model_config(directory)
     path = Path(directory) / MODEL_CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"no {MODEL_CONFIG_FILE} in {directory}: not a vishwamai model checkpoint")
@@ -87,9 +91,12 @@ def apply_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: M
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu"):
-    """Build the model its config describes and load its weights (strictly)."""
+    """Build the model its config describes and load its weights (strictly); also a Hugging Face model dir."""
+    from vishwamai.hf import is_hf_model_dir, load_hf_model
     from vishwamai.model import build_model
 
+    if is_hf_model_dir(directory):  # Llama/Mistral/Qwen2 in the Hugging Face layout (vishwamai/hf)
+        return load_hf_model(directory, device)
     directory = Path(directory)
     cfg = read_model_config(directory)
     state = read_weights(directory, device)

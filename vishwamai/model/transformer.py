@@ -4,7 +4,9 @@ Design (LLaMA-style): pre-norm RMSNorm blocks, rotary position embeddings (RoPE,
 so there is no learned position table and sequences shorter than max_seq_len cost
 nothing extra), causal self-attention through `F.scaled_dot_product_attention`
 (flash / memory-efficient kernels on CUDA), optional grouped-query attention,
-SwiGLU MLP, optionally tied input/output embeddings.
+SwiGLU MLP, optionally tied input/output embeddings, optional q/k/v biases (Qwen2).
+Rotary embeddings rotate the two halves of each head (HF Llama's rotate_half), so Hugging
+Face Llama/Mistral/Qwen2 weights load without permuting q/k (vishwamai/hf).
 
 `forward` returns logits only by default.  Distillation asks for per-layer hidden
 states and attention maps with `output_hidden_states` / `output_attentions`; only
@@ -73,8 +75,9 @@ class CausalSelfAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * self.n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        # Rows: all key heads, then all value heads (see vishwamai/hf/weights.py for the HF layout).
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout_rate
 
@@ -152,6 +155,8 @@ class Transformer(nn.Module):
         # GPT-2 style: residual projections scaled down by depth.
         resid_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
             if p.dim() < 2:
                 continue
             is_residual_out = name.endswith("o_proj.weight") or name.endswith("down.weight")
