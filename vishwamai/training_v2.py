@@ -61,8 +61,12 @@ def adopt_architecture(cfg: DictConfig) -> None:
     import dataclasses
 
     from vishwamai.checkpoint import find_model_dir, read_model_config
+    from vishwamai.errors import CheckpointError
 
-    source = read_model_config(find_model_dir(cfg.training.init_from))
+    try:
+        source = read_model_config(find_model_dir(cfg.training.init_from))
+    except CheckpointError as e:
+        raise ConfigError("training.init_from", str(e)) from e
     for key, value in dataclasses.asdict(source).items():
         if key != "parallel_factor":
             cfg.model[key] = value
@@ -73,8 +77,14 @@ def load_weights_into(model: torch.nn.Module, path: str) -> None:
     from vishwamai.checkpoint import find_model_dir
     from vishwamai.checkpoint.io import WEIGHTS_FILE, apply_weights, as_model_config, read_weights
 
+    from vishwamai.hf import is_hf_model_dir
+    from vishwamai.hf.weights import load_hf_weights
+
     source = find_model_dir(path)
-    apply_weights(model, read_weights(source), as_model_config(model.config), source / WEIGHTS_FILE)
+    if is_hf_model_dir(source):  # shard by shard, straight into `model`
+        load_hf_weights(model, as_model_config(model.config), source)
+    else:
+        apply_weights(model, read_weights(source), as_model_config(model.config), source / WEIGHTS_FILE)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
@@ -128,9 +138,14 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     from vishwamai.train.optim import build_optimizer, build_scheduler
     from vishwamai.train.precision import Precision
 
+    from vishwamai.distill.student_init import adopt_teacher_shape
+    from vishwamai.hf import adopt_model_tokenizer
+
     wall_start = time.time()
     if cfg.training.init_from:
         adopt_architecture(cfg)
+    adopt_teacher_shape(cfg)  # distillation.student_init=teacher_layers
+    adopt_model_tokenizer(cfg)  # a Hugging Face model directory's own tokenizer
     t = cfg.training
     if t.num_threads:
         torch.set_num_threads(t.num_threads)

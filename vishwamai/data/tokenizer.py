@@ -1,8 +1,9 @@
-"""Tokenizers: byte-level by default (nothing to download), or a local tokenizer.json."""
+"""Tokenizers: byte-level by default (nothing to download), a local tokenizer.json, or a model dir holding one."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -33,15 +34,27 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+def _declared_eos(model_dir: Path) -> str | None:
+    """The end-of-sequence token a model directory's tokenizer_config.json declares."""
+    try:
+        eos = json.loads((model_dir / "tokenizer_config.json").read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
 class HFTokenizerFile:
-    """A local `tokenizer.json` (Hugging Face `tokenizers` format)."""
+    """A local `tokenizer.json` (Hugging Face `tokenizers` format), or a model directory holding one."""
 
     def __init__(self, path: str):
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError as e:  # pragma: no cover - depends on the install
             raise ConfigError("data.tokenizer", "a tokenizer file needs `pip install tokenizers`") from e
-        file = Path(path)
+        file = Path(path).expanduser()
+        declared = None
+        if file.is_dir():  # a (Hugging Face) model directory: its tokenizer and declared eos token
+            declared, file = _declared_eos(file), file / "tokenizer.json"
         if not file.is_file():
             raise ConfigError("data.tokenizer", f"tokenizer file not found: {file}")
         try:
@@ -50,9 +63,11 @@ class HFTokenizerFile:
             reason = "the file is empty" if file.stat().st_size == 0 else str(e)
             raise ConfigError("data.tokenizer", f"{file} is not a tokenizer.json ({reason})") from None
         self.vocab_size = self._tok.get_vocab_size()
-        eos = next((t for t in ("</s>", "<|endoftext|>", "<eos>") if self._tok.token_to_id(t) is not None), None)
+        candidates = ([declared] if declared else []) + ["</s>", "<|endoftext|>", "<eos>"]
+        eos = next((t for t in candidates if self._tok.token_to_id(t) is not None), None)
         self.eos_id = self._tok.token_to_id(eos) if eos else self.vocab_size - 1
-        self.identity = "hf-" + hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+        self.identity = f"hf-{digest}" + (f"-eos{self.eos_id}" if declared else "")  # the cache key
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids

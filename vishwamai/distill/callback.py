@@ -20,6 +20,7 @@ from torch import nn
 
 from vishwamai.distill.losses import attention_loss, kd_loss, representation_loss
 from vishwamai.distill.plan import KINDS, REPRESENTATION_KINDS, Pair, projection_key
+from vishwamai.distill.student_init import init_from_teacher
 from vishwamai.distill.teachers import Teacher
 from vishwamai.errors import CheckpointError
 from vishwamai.train.events import Callback
@@ -32,6 +33,7 @@ class Distillation(Callback):
                  projections: nn.ModuleDict):
         tm = ds.teacher_model
         self.teachers, self.plans, self.projections = teachers, plans, projections
+        self.student_init = ds.student_init
         self.alpha, self.temperature, self.chunk_size = tm.alpha, tm.temperature, tm.kd_chunk_size
         sections = {kind: getattr(ds, f"{kind}_distillation") for kind in KINDS}
         self.weights = {kind: s.loss_weight for kind, s in sections.items() if s.enabled}
@@ -47,6 +49,9 @@ class Distillation(Callback):
     # ------------------------------------------------------------------ events
     def on_init(self, trainer) -> None:
         """Before any resume: the projections join the optimizer, so their state is saved with it."""
+        if self.student_init == "teacher_layers":  # before the teachers move: the student is on its device
+            chosen = init_from_teacher(trainer.raw_model, self.teachers[0].model)
+            trainer.summary["student_init_teacher_blocks"] = chosen
         for teacher in self.teachers:
             teacher.model.to(trainer.device)
         self.projections.to(trainer.device)

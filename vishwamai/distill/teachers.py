@@ -1,9 +1,11 @@
 """Teachers: trained models loaded from their checkpoints, frozen, checked against the student.
 
 distillation.teacher_model.path (and .paths for an ensemble) take a run directory of this
-project (its best checkpoint, else the latest, else final/) or one checkpoint directory.
-Each teacher's architecture comes from its own model_config.json, so it may be wider or
-deeper than the student; only the vocabulary must match.
+project (its best checkpoint, else the latest, else final/), one checkpoint directory, or a
+local Hugging Face model directory: Llama/Mistral/Qwen2 become vishwamai Transformers, any
+other causal LM runs through transformers itself (vishwamai/hf/auto.py).
+Each teacher's architecture comes from its own config, so it may be wider or deeper than
+the student; only the vocabulary must match (cross-tokenizer distillation is out of scope).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import torch
 
 from vishwamai.checkpoint import find_model_dir, load_model
 from vishwamai.errors import ConfigError, VishwamaiError
-from vishwamai.model import Transformer
+from vishwamai.hf import is_convertible_dir, is_hf_model_dir
 
 
 @dataclass
 class Teacher:
-    model: Transformer
+    model: torch.nn.Module  # a Transformer, or a TransformersCausalLM (same call and outputs)
     key: str  # the config key it came from, for error messages
     directory: Path
     weight: float  # share in the ensemble; the teachers' weights sum to 1
@@ -41,11 +43,21 @@ def teacher_specs(tm) -> list[tuple[str, str]]:
     return specs
 
 
-def load_teacher(key: str, spec: str, dtype: torch.dtype) -> tuple[Transformer, Path]:
+def read_teacher(spec: str, attentions: bool = False) -> tuple[torch.nn.Module, Path]:
+    """The model at `spec`: ours (or converted to ours) when possible, else run by transformers."""
+    if is_hf_model_dir(spec) and not is_convertible_dir(spec):
+        from vishwamai.hf.auto import load_transformers_teacher
+
+        return load_transformers_teacher(spec, attentions), Path(spec)
+    directory = find_model_dir(spec)
+    return load_model(directory), directory
+
+
+def load_teacher(key: str, spec: str, dtype: torch.dtype, attentions: bool = False
+                 ) -> tuple[torch.nn.Module, Path]:
     """The frozen model at `spec`; any problem reading it is a ConfigError naming `key`."""
     try:
-        directory = find_model_dir(spec)
-        model = load_model(directory)
+        model, directory = read_teacher(spec, attentions)
     except (VishwamaiError, OSError) as e:
         raise ConfigError(key, f"cannot load the teacher from {spec}: {e}") from e
     model.requires_grad_(False)
@@ -64,13 +76,13 @@ def load_teachers(cfg) -> list[Teacher]:
     dtype = getattr(torch, tm.dtype)
     teachers = []
     for (key, spec), weight in zip(specs, raw):
-        model, directory = load_teacher(key, spec, dtype)
+        model, directory = load_teacher(key, spec, dtype, cfg.distillation.attention_distillation.enabled)
         check_compatible(model, cfg, key)
         teachers.append(Teacher(model, key, directory, weight / sum(raw)))
     return teachers
 
 
-def check_compatible(teacher: Transformer, cfg, key: str) -> None:
+def check_compatible(teacher: torch.nn.Module, cfg, key: str) -> None:
     """Teacher and student must predict over the same tokens, on sequences of the run's length."""
     t = teacher.config
     if t.vocab_size != cfg.model.vocab_size:

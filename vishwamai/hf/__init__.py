@@ -22,7 +22,7 @@ from vishwamai.config import ModelConfig
 from vishwamai.hf.config import HF_CONFIG_FILE, is_convertible, read_hf_config, to_model_config
 from vishwamai.hf.weights import load_hf_weights
 
-__all__ = ["hf_model_config", "is_hf_model_dir", "load_hf_model", "model_tokenizer_file"]
+__all__ = ["adopt_model_tokenizer", "hf_model_config", "is_hf_model_dir", "load_hf_model", "model_tokenizer_file"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -61,3 +61,19 @@ def model_tokenizer_file(directory: str | Path) -> Path | None:
     """The tokenizer a model directory carries, if any."""
     path = Path(directory).expanduser() / TOKENIZER_FILE
     return path if path.is_file() else None
+
+
+def adopt_model_tokenizer(cfg) -> None:
+    """data.tokenizer=byte (the default) with an init_from or teacher that is a Hugging Face model directory
+    carrying a tokenizer: the data is tokenized with that tokenizer (init_from first, then the teachers)."""
+    from vishwamai.distill.teachers import teacher_specs
+
+    if cfg.data.tokenizer != "byte":
+        return  # the user chose one; a vocabulary mismatch is caught by the vocabulary checks
+    sources = [cfg.training.init_from] if cfg.training.init_from else []
+    if cfg.distillation.enabled:
+        sources += [spec for _, spec in teacher_specs(cfg.distillation.teacher_model)]
+    for source in sources:
+        if is_hf_model_dir(source) and model_tokenizer_file(source):
+            cfg.data.tokenizer = str(Path(source).expanduser())
+            return
