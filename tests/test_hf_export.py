@@ -69,3 +69,29 @@ def test_bf16_export_and_cli_refuses_a_non_empty_output(tmp_path, capsys):
     assert export_main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
     assert "no such checkpoint or run directory" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_pruned_and_int8_models_export(tmp_path):
+    """Structured pruning's smaller MLP exports as is; int8 exports its dequantized weights (int8 x scale)."""
+    from safetensors import safe_open
+
+    from vishwamai.compress.pruning import apply_masks, compact_mlp, compute_masks
+    from vishwamai.compress.quantize import quantize_state, save_quantized
+    from vishwamai.config import PruningConfig
+
+    model = load_model(_random_checkpoint(tmp_path / "ckpt", tie_embeddings=False))
+    masks = compute_masks(model, 0.5, PruningConfig(method="structured", structured_targets=["mlp"]))
+    apply_masks(dict(model.named_parameters()), masks)
+    small, small_cfg, _ = compact_mlp(model, model.config)
+    out = export(save_model(tmp_path / "pruned", small, small_cfg), tmp_path / "hf_pruned")
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == small_cfg.ffn_hidden < 64 * 2
+    assert torch.allclose(hf_logits(out, TOKENS), _ours(tmp_path / "pruned"), atol=1e-4, rtol=0)
+
+    tensors, meta = quantize_state(small)
+    save_quantized(tmp_path / "int8", tensors, meta, small_cfg)
+    out = export(tmp_path / "int8", tmp_path / "hf_int8")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        down = f.get_tensor("model.layers.1.mlp.down_proj.weight")
+    expected = tensors["blocks.1.mlp.down.weight_int8"].float() * tensors["blocks.1.mlp.down.weight_scale"][:, None]
+    assert torch.equal(down, expected)
+    assert (hf_logits(out, TOKENS) - _ours(tmp_path / "pruned")).abs().max() < 0.05
