@@ -8,8 +8,12 @@ temperature T, optionally plus feature distillation of the student's last block 
 128->256 projection). Prints every validation loss and its ratio to the scratch student's
 (below 1 = distillation helped), and appends to bench/RESULTS.md.
 
+Then student initialisation (distillation.student_init): a student of the teacher's width (256)
+with --init-layers blocks, distilled (alpha 0.5, T 1) for the same --student-steps, once from a
+random init and once from evenly spaced teacher blocks + embeddings, final norm and head.
+
     python bench/distillation.py [--teacher-steps 300] [--student-steps 100] [--seq-len 64] [--batch 8]
-                                 [--variants 0.5:1 0.9:1 0.5:2 0.5:1:feature]
+                                 [--variants 0.5:1 0.9:1 0.5:2 0.5:1:feature] [--init-layers 2]
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--variants", nargs="+", default=["0.5:1", "0.9:1", "0.5:2", "0.5:1:feature"],
                     help="distilled students as alpha:T or alpha:T:feature")
+    ap.add_argument("--init-layers", type=int, default=2,
+                    help="blocks of the teacher-width student in the student_init comparison (0 = skip it)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -69,6 +75,10 @@ def main() -> None:
         scratch = train(student, root / "scratch")
         distilled = {spec: train([*student, *variant_overrides(spec, root / "teacher")], root / spec.replace(":", "_"))
                      for spec in args.variants}
+        wide = [f"model.n_layers={args.init_layers}", f"training.max_steps={args.student_steps}", *common,
+                *variant_overrides("0.5:1", root / "teacher")]
+        inits = {init: train([*wide, f"distillation.student_init={init}"], root / f"init_{init}")
+                 for init in ("random", "teacher_layers")} if args.init_layers else {}
     base = scratch["final_val_loss"]
     rows = [f"| {spec} | {s['final_val_loss']:.4f} | {s['final_val_loss'] / base:.3f} | {s['seconds']:.0f} s |"
             for spec, s in distilled.items()]
@@ -83,6 +93,18 @@ def main() -> None:
         f"| from scratch | {base:.4f} | 1.000 | {scratch['seconds']:.0f} s |",
         *rows,
     ])
+    if inits:
+        rand, taught = inits["random"]["final_val_loss"], inits["teacher_layers"]["final_val_loss"]
+        record("Distillation: student initialised from teacher layers vs random", [
+            f"student: the teacher's width (256), {args.init_layers} blocks "
+            f"({inits['random']['num_parameters']:,} parameters), distilled alpha 0.5 T 1, {args.student_steps} "
+            f"steps; teacher blocks used: {inits['teacher_layers'].get('student_init_teacher_blocks')}",
+            "",
+            "| distillation.student_init | val loss (nats/token) | ratio to random |",
+            "|---|---|---|",
+            f"| random | {rand:.4f} | 1.000 |",
+            f"| teacher_layers | {taught:.4f} | {taught / rand:.3f} |",
+        ])
 
 
 if __name__ == "__main__":
