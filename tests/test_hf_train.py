@@ -128,3 +128,17 @@ def test_cli_init_from_a_pickle_only_directory_exits_2(tmp_path, tiny_overrides,
                       f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "convert them to safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow  # the quantization report times fp32 and int8 forwards (~15 s on a quiet machine)
+def test_quantize_cli_measures_a_model_directory_with_its_own_tokenizer(tmp_path):
+    from vishwamai.compress import quantize_model_dir
+    from vishwamai.config import DataConfig
+
+    model_dir = save_tiny("llama", tmp_path / "llama")
+    vocab = _bpe_tokenizer(model_dir, VOCAB)
+    data = DataConfig(seq_len=32, cache_dir=str(tmp_path / "cache"), embedded_max_bytes=200_000)
+    report = quantize_model_dir(model_dir, tmp_path / "int8", "dynamic", 2, data)
+    assert report["quantized_val_loss"] == report["quantized_val_loss"]  # finite, measured
+    meta = json.loads(next((tmp_path / "cache").glob("*/meta.json")).read_text())
+    assert meta["tokenizer"].startswith("hf-") and meta["vocab_size"] == vocab

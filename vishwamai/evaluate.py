@@ -39,10 +39,11 @@ COLUMNS = (
 
 def evaluate_one(directory: str | Path, data_cfg: DataConfig, eval_batches: int, batch_size: int) -> dict[str, Any]:
     from vishwamai.compress.quantize import load_validation
+    from vishwamai.hf import with_model_tokenizer
 
     d = resolve_model_dir(directory)
     model_cfg = read_model_config(d)
-    val, seq_len = load_validation(data_cfg, model_cfg)
+    val, seq_len = load_validation(with_model_tokenizer(data_cfg, d), model_cfg)
     model = load_any(d)
     loss = validation_loss(model, val, seq_len, batch_size, eval_batches)
     return {

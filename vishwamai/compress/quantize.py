@@ -207,6 +207,7 @@ def quantize_model_dir(model_dir: str | Path, output_dir: str | Path, mode: str 
                        calibration_steps: int = 100, data_cfg: Optional[DataConfig] = None) -> dict[str, Any]:
     """Quantize a saved model (a model dir, or a run dir: its best/latest/final checkpoint)."""
     from vishwamai.checkpoint import load_model
+    from vishwamai.hf import with_model_tokenizer
 
     if mode not in MODES:
         raise ConfigError("mode", f"got {mode!r}, expected one of {list(MODES)}")
@@ -216,7 +217,7 @@ def quantize_model_dir(model_dir: str | Path, output_dir: str | Path, mode: str 
     if is_quantized_dir(source):
         raise CheckpointError(f"{source} is already quantized; give the fp32 model it came from")
     model_cfg = read_model_config(source)
-    val, seq_len = load_validation(data_cfg, model_cfg)
+    val, seq_len = load_validation(with_model_tokenizer(data_cfg or DataConfig(), source), model_cfg)
     report = quantize_and_report(load_model(source), model_cfg, output_dir, mode, calibration_steps, val, seq_len)
     report["source_model"] = str(source)
     (Path(output_dir) / REPORT_FILE).write_text(json.dumps(report, indent=1))

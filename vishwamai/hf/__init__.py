@@ -22,7 +22,7 @@ from vishwamai.config import ModelConfig
 from vishwamai.hf.config import HF_CONFIG_FILE, is_convertible, read_hf_config, to_model_config
 from vishwamai.hf.weights import load_hf_weights
 
-__all__ = ["adopt_model_tokenizer", "hf_model_config", "is_hf_model_dir", "load_hf_model", "model_tokenizer_file"]
+__all__ = ["adopt_model_tokenizer", "with_model_tokenizer", "hf_model_config", "is_hf_model_dir", "load_hf_model", "model_tokenizer_file"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -77,3 +77,13 @@ def adopt_model_tokenizer(cfg) -> None:
         if is_hf_model_dir(source) and model_tokenizer_file(source):
             cfg.data.tokenizer = str(Path(source).expanduser())
             return
+
+
+def with_model_tokenizer(data_cfg, model_dir: str | Path):
+    """`data_cfg` for measuring the model in `model_dir`: its own tokenizer when it carries one and the
+    data would otherwise be byte-tokenized (the quantize and evaluate CLIs)."""
+    import dataclasses
+
+    if data_cfg.tokenizer == "byte" and is_hf_model_dir(model_dir) and model_tokenizer_file(model_dir):
+        return dataclasses.replace(data_cfg, tokenizer=str(model_dir))
+    return data_cfg
