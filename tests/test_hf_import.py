@@ -100,3 +100,19 @@ def test_nothing_from_the_directory_is_executed(tmp_path):
     with pytest.raises(CheckpointError, match="EvilForCausalLM cannot become"):
         load_model(d)
     assert not (tmp_path / "ran").exists()
+
+
+def test_memory_check_runs_before_allocating_an_imported_model(tmp_path):
+    """A directory whose config would need far more memory than the machine has fails before any allocation."""
+    from vishwamai.distill.teachers import read_teacher
+    from vishwamai.errors import InsufficientMemoryError
+
+    llama = save_tiny("llama", tmp_path / "llama")
+    edit_config(llama, hidden_size=65536, intermediate_size=262144, num_hidden_layers=8, num_attention_heads=512,
+                num_key_value_heads=512, head_dim=128)
+    with pytest.raises(InsufficientMemoryError, match="needs about"):
+        load_model(llama)
+    gpt2 = save_tiny("gpt2", tmp_path / "gpt2")
+    edit_config(gpt2, n_embd=65536, n_layer=8, n_head=512)
+    with pytest.raises(InsufficientMemoryError, match="the teacher needs about"):
+        read_teacher(str(gpt2))
