@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=100)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--variants", nargs="+", default=["0.5:1", "0.9:1", "0.5:2", "0.5:1:feature"],
+    ap.add_argument("--variants", nargs="*", default=["0.5:1", "0.9:1", "0.5:2", "0.5:1:feature"],
                     help="distilled students as alpha:T or alpha:T:feature")
     ap.add_argument("--init-layers", type=int, default=2,
                     help="blocks of the teacher-width student in the student_init comparison (0 = skip it)")

@@ -95,3 +95,19 @@ def test_pruned_and_int8_models_export(tmp_path):
     expected = tensors["blocks.1.mlp.down.weight_int8"].float() * tensors["blocks.1.mlp.down.weight_scale"][:, None]
     assert torch.equal(down, expected)
     assert (hf_logits(out, TOKENS) - _ours(tmp_path / "pruned")).abs().max() < 0.05
+
+
+def test_a_mistral_directory_exports_as_llama_with_its_tokenizer(tmp_path):
+    """HF in, HF out: the source's tokenizer travels along."""
+    src = save_tiny("mistral", tmp_path / "mistral")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "</s>": 1, "def": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    out = export(src, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert (out / "tokenizer.json").read_text() == (src / "tokenizer.json").read_text()
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 1
+    tokens = TOKENS % VOCAB
+    assert torch.allclose(hf_logits(out, tokens), hf_logits(src, tokens), atol=1e-4, rtol=0)

@@ -54,17 +54,25 @@ def dequantized_state(directory: Path) -> dict[str, torch.Tensor]:
 def source_state(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     from vishwamai.compress.measure import is_quantized_dir
 
+    from vishwamai.checkpoint.io import load_model
+    from vishwamai.hf import is_hf_model_dir
+
     cfg = read_model_config(directory)
-    state = dequantized_state(directory) if is_quantized_dir(directory) else read_weights(directory)
-    return cfg, state
+    if is_quantized_dir(directory):
+        return cfg, dequantized_state(directory)
+    if is_hf_model_dir(directory):  # HF in, HF out: through our model (e.g. Mistral -> Llama layout)
+        return cfg, load_model(directory).state_dict()
+    return cfg, read_weights(directory)
 
 
 def run_tokenizer(directory: Path) -> str:
-    """data.tokenizer of the run the model came from ("byte" when no run config is found)."""
+    """data.tokenizer of the run the model came from, else the directory's own tokenizer, else "byte"."""
     for candidate in (directory, directory.parent, directory.parent.parent):
         config = candidate / "config.yaml"
         if config.is_file():
-            return str(OmegaConf.load(config).data.tokenizer)
+            return str(OmegaConf.select(OmegaConf.load(config), "data.tokenizer", default="byte"))
+    if (directory / "tokenizer.json").is_file():  # a Hugging Face model directory's own
+        return str(directory)
     return "byte"
 
 
