@@ -76,7 +76,6 @@ def load_weights_into(model: torch.nn.Module, path: str) -> None:
     """training.init_from: read the checkpoint's weights straight into `model` (no second model built)."""
     from vishwamai.checkpoint import find_model_dir
     from vishwamai.checkpoint.io import WEIGHTS_FILE, apply_weights, as_model_config, read_weights
-
     from vishwamai.hf import is_hf_model_dir
     from vishwamai.hf.weights import load_hf_weights
 
@@ -137,7 +136,6 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     from vishwamai.train import Trainer
     from vishwamai.train.optim import build_optimizer, build_scheduler
     from vishwamai.train.precision import Precision
-
     from vishwamai.distill.student_init import adopt_teacher_shape
     from vishwamai.hf import adopt_model_tokenizer
 
