@@ -14,9 +14,7 @@ import argparse
 import sys
 from typing import Optional
 
-from vishwamai.errors import VishwamaiError
-
-EXIT_BAD_INPUT = 2
+from vishwamai.errors import EXIT_NON_RETRYABLE, VishwamaiError
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -31,7 +29,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         path = export(args.source, args.output, args.dtype)
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_NON_RETRYABLE
     print(f"exported {args.source} -> {path} ({args.dtype})")
     return 0
 
