@@ -142,3 +142,19 @@ def test_quantize_cli_measures_a_model_directory_with_its_own_tokenizer(tmp_path
     assert report["quantized_val_loss"] == report["quantized_val_loss"]  # finite, measured
     meta = json.loads(next((tmp_path / "cache").glob("*/meta.json")).read_text())
     assert meta["tokenizer"].startswith("hf-") and meta["vocab_size"] == vocab
+
+
+def test_student_init_is_validated(tmp_path, tiny_overrides):
+    import re
+
+    from vishwamai.config import validate
+
+    teacher = f"distillation.teacher_model.path={tmp_path}"
+    cases = ((["distillation.student_init=teacher_layers"], "needs distillation.enabled=true"),
+             (["distillation.student_init=halves", "distillation.enabled=true", teacher],
+              "expected one of ['random', 'teacher_layers']"))
+    for overrides, words in cases:
+        cfg = compose_config(tiny_overrides + overrides, run_dir=str(tmp_path / "run"))
+        with pytest.raises(ConfigError, match=re.escape(words)) as err:
+            validate(cfg)
+        assert err.value.key == "distillation.student_init"
