@@ -22,7 +22,8 @@ from vishwamai.config import ModelConfig
 from vishwamai.hf.config import HF_CONFIG_FILE, is_convertible, read_hf_config, to_model_config
 from vishwamai.hf.weights import load_hf_weights
 
-__all__ = ["adopt_model_tokenizer", "with_model_tokenizer", "hf_model_config", "is_hf_model_dir", "load_hf_model", "model_tokenizer_file"]
+__all__ = ["adopt_model_tokenizer", "hf_model_config", "is_convertible_dir", "is_hf_model_dir", "load_hf_model",
+           "model_tokenizer_file", "with_model_tokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 
