@@ -20,6 +20,7 @@ from vishwamai.checkpoint.atomic import TMP_PREFIX, clean_stale, fsync_path, pub
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, latest_dir, step_dirs, step_name
 from vishwamai.checkpoint.manifest import write_manifest
+from vishwamai.checkpoint.messages import write_failure
 from vishwamai.checkpoint.state import assert_finite_weights, uses_sharded_checkpoints, write_checkpoint
 from vishwamai.errors import CheckpointError, VishwamaiError
 from vishwamai.train.events import Callback
@@ -40,7 +41,7 @@ def prepare_checkpoint_dir(root: Path) -> None:
         fsync_path(probe)
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"checkpoint directory {root} is not writable: {e.strerror or e}") from e
+        raise CheckpointError(f"checkpoint directory {root} is not writable: {write_failure(e, root)}") from e
     for stale in clean_stale(root):
         log.info("removed leftover of an interrupted checkpoint save: %s", stale)
 
@@ -223,8 +224,7 @@ class CheckpointManager(Callback):
             raise
         except Exception as e:  # OSError, torch's and safetensors' own write errors (disk full...)
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-            raise CheckpointError(f"could not write checkpoint {final}: {reason}; "
+            raise CheckpointError(f"could not write checkpoint {final}: {write_failure(e, final.parent)}; "
                                   f"earlier checkpoints in {self.root} are unchanged") from e
 
     def _prune(self) -> None:

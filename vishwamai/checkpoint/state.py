@@ -28,6 +28,7 @@ import torch
 
 from vishwamai.checkpoint.io import (MODEL_CONFIG_FILE, WEIGHTS_FILE, apply_weights, as_model_config,
                                      read_model_config, read_weights, save_model)
+from vishwamai.checkpoint.messages import load_failure
 from vishwamai.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,7 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
         # weights_only refuses globals outside torch's allow-list (e.g. os.system in a crafted
         # __reduce__) before calling anything, so the payload never runs.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: not a plain-data trainer state ({first_line})") from e
+        raise CheckpointError(f"refusing to load {path}: not a plain-data trainer state ({load_failure(e)})") from e
     if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a vishwamai trainer state (format_version "
                               f"{state.get('format_version') if isinstance(state, dict) else None!r})")
