@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from vishwamai.checkpoint.atomic import TMP_PREFIX, clean_stale, fsync_path, publish_dir, temporary_dir, write_pointer
+from vishwamai.checkpoint.atomic import (TMP_PREFIX, clean_stale, fsync_path, publish_dir, remove_tree, temporary_dir,
+                                         write_pointer)
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, latest_dir, step_dirs, step_name
 from vishwamai.checkpoint.manifest import write_manifest
@@ -237,9 +238,7 @@ class CheckpointManager(Callback):
         for old in steps[:-self.keep_last_n]:
             if old == latest:
                 continue
-            doomed = old.parent / f"{TMP_PREFIX}delete-{old.name}"  # never a half-deleted step-N
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_tree(old)
 
     # ---------------------------------------------------------- preflight
     def _check_free_space(self, trainer) -> None:

@@ -15,14 +15,15 @@ import logging
 import os
 from pathlib import Path
 
-from vishwamai.checkpoint.layout import CHECKPOINTS_DIR, checkpoints_root, resume_candidates
+from vishwamai.checkpoint.atomic import read_pointer, remove_tree, write_pointer
+from vishwamai.checkpoint.layout import (BEST, CHECKPOINTS_DIR, LATEST, checkpoints_after, checkpoints_root,
+                                         resume_candidates)
 from vishwamai.checkpoint.manifest import MANIFEST_FILE, verify
+from vishwamai.checkpoint.rundir import METRICS_FILE
 from vishwamai.checkpoint.state import TRAINER_STATE_FILE, load_checkpoint
 from vishwamai.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def candidates_for(spec: str, run_dir: Path) -> tuple[list[Path], bool]:
@@ -48,6 +49,7 @@ def resume(trainer, spec: str, run_dir: str | Path) -> Path | None:
         if trainer.is_main:
             log.info("training.resume=%s: no checkpoint in %s yet, starting from step 0", spec,
                      checkpoints_root(run_dir))
+            truncate_metrics(run_dir / METRICS_FILE, 0)  # rows of a run killed before its first checkpoint
         trainer.summary["resumed_from"] = None
         return None
     problems = []
@@ -65,10 +67,24 @@ def resume(trainer, spec: str, run_dir: str | Path) -> Path | None:
         if trainer.is_main:
             log.info("resumed from %s at step %d", directory, step)
             truncate_metrics(run_dir / METRICS_FILE, step)
+            retire_newer(checkpoints_root(run_dir), directory, step)
         trainer.summary["resumed_from"] = str(directory)
         return directory
     raise CheckpointError(f"training.resume={spec}: no valid checkpoint among {[str(c) for c in candidates]}: "
                           + "; ".join(problems))
+
+
+def retire_newer(root: Path, resumed: Path, step: int) -> None:
+    """Resuming this run from step S makes S its newest state: later checkpoints in its own
+    checkpoints/ (invalid ones skipped above, or an abandoned continuation when an older one
+    was named) are removed, as later metrics rows are, so resume=auto never returns to them."""
+    if resumed.parent.resolve() != root.resolve():
+        return
+    for newer in checkpoints_after(root, step):
+        log.warning("removing %s: newer than the checkpoint resumed from (%s)", newer, resumed)
+        remove_tree(newer)
+    if read_pointer(root / LATEST) != resumed.name and resumed.name != BEST:
+        write_pointer(root / LATEST, resumed.name)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
