@@ -331,3 +331,52 @@ def test_a_full_disk_says_no_space_left_on_device_naming_the_checkpoint(tmp_path
     assert (tmp_path / "rc.txt").read_text().strip() == "2", stderr[-3000:]
     assert "no space left on device" in stderr and str(disk / "run" / "checkpoints" / "step-2") in stderr
     assert "Traceback" not in stderr
+
+
+# ------------------------------------------------ issue 20.1: saves off the training thread
+def test_training_goes_on_during_a_background_save_and_a_kill_then_leaves_the_previous_one(tmp_path,
+                                                                                        tiny_overrides):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vishwamai.checkpoint.manager import SAVE_DELAY_ENV
+    from vishwamai.checkpoint.manifest import verify
+    from vishwamai.training_v2 import compose_config, run
+
+    overrides = tiny_overrides + CKPT + ["training.max_steps=12", "checkpointing.every_n_steps=4"]
+    run(compose_config(overrides, run_dir=str(tmp_path / "reference")))
+    run_dir, ckpts = tmp_path / "killed", tmp_path / "killed" / "checkpoints"
+
+    def steps_logged() -> list[int]:
+        path = run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+    # Every write pauses 3 s between its files and its publication (a slow disk).
+    proc = subprocess.Popen([sys.executable, "-m", "vishwamai.training_v2", *overrides, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", SAVE_DELAY_ENV: "3"})
+    try:
+        deadline = time.time() + 120
+        # Kill while step-8 is being written and training has already moved past step 8.
+        while not ((ckpts / ".tmp-step-8").is_dir() and any((ckpts / ".tmp-step-8").iterdir())
+                   and max(steps_logged(), default=0) > 8):
+            assert proc.poll() is None, "training ended before the background write was caught"
+            assert time.time() < deadline, "training did not go on while step-8 was being written"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert (ckpts / "latest").read_text().strip() == "step-4" and not (ckpts / "step-8").exists()
+    verify(ckpts / "step-4")
+
+    summary = run(compose_config(overrides + ["training.resume=auto"], run_dir=str(run_dir)))
+    assert summary["resumed_from"] == str(ckpts / "step-4")
+    losses = {json.loads(line)["step"]: json.loads(line)["loss"]
+              for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    reference = {json.loads(line)["step"]: json.loads(line)["loss"]
+                 for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()}
+    assert losses == reference  # bitwise: the snapshot held exactly step 4's state
