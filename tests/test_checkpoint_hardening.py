@@ -172,7 +172,7 @@ def test_overwrite_and_resume_together_are_a_config_error(tmp_path, tiny_overrid
 
 
 # ------------------------------------------------------ 10. resume bookkeeping
-@pytest.mark.parametrize("resume", ["auto", None])
+@pytest.mark.parametrize("resume", ["auto", pytest.param(None, marks=pytest.mark.slow)])
 def test_a_fresh_start_after_a_kill_before_the_first_checkpoint_keeps_no_old_rows(tmp_path, tiny_overrides, resume):
     import signal
     import subprocess
@@ -217,6 +217,7 @@ def test_resume_takes_the_newest_complete_checkpoint_when_latest_lags(tmp_path, 
     assert summary["resumed_from"] == str(root / "step-6")
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_of_the_same_run_abandons_the_newer_ones(tmp_path, tiny_overrides):
     from vishwamai.training_v2 import compose_config, run
 
