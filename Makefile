@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
+# training.overwrite=true: a re-run replaces the previous demo (a run dir with checkpoints is otherwise refused)
 demo: install
-	$(PY) -m vishwamai.training_v2 +experiment=demo hydra.run.dir=outputs/demo
+	$(PY) -m vishwamai.training_v2 +experiment=demo hydra.run.dir=outputs/demo training.overwrite=true
 
 test: install
 	$(PY) -m pytest -q

@@ -97,8 +97,11 @@ class TrainingConfig:
     log_every_n_steps: int = 10
     eval_every_n_steps: int = 100
     eval_batches: int = 20
-    # null = no resume; "auto" = latest valid checkpoint in the run dir; or a path.
+    # null = no resume; "auto" = newest valid checkpoint in the run dir; or a path.
     resume: Optional[str] = None
+    # A run dir that already holds checkpoints is refused unless resumed or overwritten:
+    # true removes the earlier run's checkpoints, metrics and reports first.
+    overwrite: bool = False
     # Start from the weights of another model (a run dir or a checkpoint dir): its
     # architecture replaces `model` (fine-tuning, pruning or distilling a pretrained model).
     init_from: Optional[str] = None

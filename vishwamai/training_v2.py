@@ -149,6 +149,9 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         torch.set_num_threads(t.num_threads)
     parallel = build_parallelism(cfg)
     run_dir = Path(cfg.run_dir)  # after joining the process group: all ranks agree on it
+    from vishwamai.checkpoint.rundir import claim_run_dir
+
+    claim_run_dir(cfg, run_dir, parallel.is_main)  # an earlier run's checkpoints: resume or overwrite, never lost
     device = parallel.device(t.device)
     check_fits(cfg.model, device, parallel.shard_size)
     with parallel.main_first():  # rank 0 builds the token cache, the others then read it

@@ -8,17 +8,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-from vishwamai.checkpoint.io import load_model, read_model_config, save_model
+from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, load_model, read_model_config, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, checkpoints_root, latest_dir
 from vishwamai.checkpoint.manager import CheckpointManager, prepare_checkpoint_dir
+from vishwamai.checkpoint.manifest import verify_if_listed
 from vishwamai.checkpoint.resume import resume
 from vishwamai.errors import CheckpointError, ConfigError
 
 __all__ = ["CheckpointManager", "build_checkpointing", "find_model_dir", "load_model", "read_model_config",
            "resume", "save_model"]
+
+log = logging.getLogger(__name__)
 
 
 def build_checkpointing(cfg, run_dir: str | Path) -> list:
@@ -37,17 +41,36 @@ def build_checkpointing(cfg, run_dir: str | Path) -> list:
 
 
 def find_model_dir(path: str | Path) -> Path:
-    """A model directory from a run directory (best, else latest, else final), a checkpoint dir,
-    or a Hugging Face model directory (vishwamai/hf)."""
+    """An intact model directory from a run directory (best, else latest, else final), a checkpoint
+    dir, or a Hugging Face model directory (vishwamai/hf).
+
+    A vishwamai checkpoint's manifest is checked (training.init_from, teachers, compression read
+    through here): a bit-flipped file in a named checkpoint is an error naming it; in a run
+    directory the next candidate is taken. A Hugging Face directory has no manifest: its
+    safetensors headers and shapes are checked as it loads.
+    """
     from vishwamai.hf import is_hf_model_dir
 
     path = Path(path).expanduser()
-    if (path / "model_config.json").is_file() or is_hf_model_dir(path):
+    if is_hf_model_dir(path):
+        return path
+    if (path / MODEL_CONFIG_FILE).is_file():
+        verify_if_listed(path)
         return path
     root = checkpoints_root(path)
+    problems = []
     for candidate in (root / BEST, latest_dir(root), root / FINAL):
-        if candidate is not None and (candidate / "model_config.json").is_file():
-            return candidate
+        if candidate is None or not (candidate / MODEL_CONFIG_FILE).is_file():
+            continue
+        try:
+            verify_if_listed(candidate)
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", candidate, e)
+            problems.append(str(e))
+            continue
+        return candidate
+    if problems:
+        raise CheckpointError(f"no intact model checkpoint in {path}: " + "; ".join(problems))
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {path}")
     raise CheckpointError(f"{path} is neither a model checkpoint nor a run directory with checkpoints/")

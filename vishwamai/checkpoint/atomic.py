@@ -85,6 +85,15 @@ def read_pointer(path: Path) -> str | None:
     return name if name and "/" not in name and name not in (".", "..") else None
 
 
+def remove_tree(path: Path, label: str = "delete") -> None:
+    """Remove a directory, renamed to a hidden name first: a kill mid-removal leaves a leftover
+    that clean_stale removes, never a half-deleted checkpoint that still looks like one."""
+    doomed = path.parent / f"{TMP_PREFIX}{label}-{path.name}"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def recover_aside(parent: Path) -> None:
     """A directory renamed aside whose replacement never arrived goes back into place."""
     for aside in parent.glob(f"{OLD_PREFIX}*"):

@@ -21,12 +21,13 @@ WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 
 
-def model_state_for_saving(model: torch.nn.Module, full_state: dict[str, torch.Tensor] | None = None
-                           ) -> dict[str, torch.Tensor]:
+def model_state_for_saving(model: torch.nn.Module | None, full_state: dict[str, torch.Tensor] | None = None,
+                           copy: bool = False) -> dict[str, torch.Tensor]:
     """State dict with tied weights stored once (safetensors refuses shared storage).
 
     `full_state`: the whole model's weights when `model` holds only a shard (FSDP), gathered
-    beforehand by Parallelism.full_state_dict.
+    beforehand by Parallelism.full_state_dict.  `copy`: new CPU tensors even for a CPU model
+    (a snapshot that later optimizer steps cannot change).
     """
     state, seen = {}, set()
     for name, tensor in (model.state_dict() if full_state is None else full_state).items():
@@ -34,7 +35,7 @@ def model_state_for_saving(model: torch.nn.Module, full_state: dict[str, torch.T
         if key in seen:
             continue
         seen.add(key)
-        state[name] = tensor.detach().contiguous().cpu()
+        state[name] = tensor.detach().to("cpu", copy=copy).contiguous()
     return state
 
 
@@ -47,7 +48,7 @@ def as_model_config(cfg) -> ModelConfig:
     return ModelConfig(**OmegaConf.to_container(cfg, resolve=True))
 
 
-def save_model(directory: str | Path, model: torch.nn.Module, model_cfg,
+def save_model(directory: str | Path, model: torch.nn.Module | None, model_cfg,
                full_state: dict[str, torch.Tensor] | None = None) -> Path:
     directory = Path(directory)
     model_cfg = as_model_config(model_cfg)

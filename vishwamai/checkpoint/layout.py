@@ -5,6 +5,8 @@
   RUN_DIR/checkpoints/latest    a small file naming the newest complete step-N directory
   RUN_DIR/checkpoints/best/     full checkpoint with the best checkpointing.metric so far
   RUN_DIR/checkpoints/final/    the trained model (weights + model config) at the end
+  RUN_DIR/checkpoints_abandoned/ checkpoints newer than an older one the run was resumed from
+                                (kept, never read by resume)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from vishwamai.checkpoint.atomic import read_pointer
 
 CHECKPOINTS_DIR = "checkpoints"
+ABANDONED_DIR = "checkpoints_abandoned"
 LATEST = "latest"
 BEST = "best"
 FINAL = "final"
@@ -56,15 +59,17 @@ def _best_step(root: Path) -> tuple[int, Path] | None:
 
 
 def resume_candidates(root: Path) -> list[Path]:
-    """Checkpoints to try in order: the 'latest' pointer's, then step-N and best/ newest first.
+    """Checkpoints to try in order: step-N and best/ by step, newest first (step-N before best/ at a tie).
 
-    best/ matters when checkpointing.every_n_steps=0: after a kill -9 it is the only full checkpoint.
+    Not the 'latest' pointer first: a process stopped between publishing step-N and moving the
+    pointer leaves it one checkpoint behind a complete step-N.  best/ matters when
+    checkpointing.every_n_steps=0: after a kill -9 it is the only full checkpoint.
     """
-    others = step_dirs(root) + ([best] if (best := _best_step(root)) else [])
-    ordered = [latest_dir(root)] + [p for _, p in sorted(others, key=lambda sp: sp[0], reverse=True)]
-    seen, result = set(), []
-    for p in ordered:
-        if p is not None and p not in seen:
-            seen.add(p)
-            result.append(p)
-    return result
+    found = step_dirs(root) + ([best] if (best := _best_step(root)) else [])
+    return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name != BEST), reverse=True)]
+
+
+def checkpoints_after(root: Path, step: int) -> list[Path]:
+    """step-N (and best/) newer than `step`."""
+    found = step_dirs(root) + ([best] if (best := _best_step(root)) else [])
+    return [p for s, p in found if s > step]

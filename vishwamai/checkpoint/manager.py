@@ -1,5 +1,9 @@
 """The checkpointing callback: periodic, best, preemption (SIGTERM) and final saves.
 
+Unsharded saves are asynchronous (writer.py): the step's state is copied on the training
+thread, then written and published by a background thread while training goes on.
+Sharded saves (every rank writes its shard, with collectives) stay synchronous.
+
 It sits after the feature callbacks and before the loggers (see
 training_v2.build_callbacks): a checkpoint taken at on_step_end holds every
 feature's state as of the end of the step, and the loggers see checkpoint_save_s.
@@ -16,11 +20,15 @@ import threading
 import time
 from pathlib import Path
 
-from vishwamai.checkpoint.atomic import TMP_PREFIX, clean_stale, fsync_path, publish_dir, temporary_dir, write_pointer
+from vishwamai.checkpoint.atomic import (TMP_PREFIX, clean_stale, fsync_path, publish_dir, remove_tree, temporary_dir,
+                                         write_pointer)
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, latest_dir, step_dirs, step_name
 from vishwamai.checkpoint.manifest import write_manifest
-from vishwamai.checkpoint.state import assert_finite_weights, uses_sharded_checkpoints, write_checkpoint
+from vishwamai.checkpoint.messages import write_failure
+from vishwamai.checkpoint.state import (assert_finite_weights, take_snapshot, uses_sharded_checkpoints,
+                                        write_checkpoint, write_snapshot)
+from vishwamai.checkpoint.writer import BackgroundWriter
 from vishwamai.errors import CheckpointError, VishwamaiError
 from vishwamai.train.events import Callback
 
@@ -40,7 +48,7 @@ def prepare_checkpoint_dir(root: Path) -> None:
         fsync_path(probe)
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"checkpoint directory {root} is not writable: {e.strerror or e}") from e
+        raise CheckpointError(f"checkpoint directory {root} is not writable: {write_failure(e, root)}") from e
     for stale in clean_stale(root):
         log.info("removed leftover of an interrupted checkpoint save: %s", stale)
 
@@ -77,6 +85,7 @@ class CheckpointManager(Callback):
         self._sigterm = False
         self._previous_handler = None
         self.preempted = False
+        self.writer = BackgroundWriter()
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -121,6 +130,7 @@ class CheckpointManager(Callback):
                 if self._best_pending:  # the loop's closing evaluation may have found a new best
                     self.save_best_checkpoint(trainer)
                 self.save_final(trainer)
+            self.writer.flush()  # e.g. the SIGTERM save: complete before the process exits
             latest = latest_dir(self.root)
             if latest is not None:
                 trainer.summary["latest_checkpoint"] = str(latest)
@@ -131,17 +141,24 @@ class CheckpointManager(Callback):
             self._restore_sigterm_handler()
 
     def on_exception(self, trainer, *, error: BaseException) -> None:
-        self._restore_sigterm_handler()
+        try:
+            self.writer.flush()  # a checkpoint taken before the failure is still worth completing
+        except Exception as e:  # noqa: BLE001 - the original error is the one to report
+            log.error("a checkpoint write failed too: %s", e)
+        finally:
+            self._restore_sigterm_handler()
 
     # -------------------------------------------------------------- saves
     def save_step(self, trainer) -> None:
         start = time.perf_counter()
         step = trainer.state.step
         name = step_name(step)
-        self._write(self.root / name, trainer, self.include_optimizer)
-        if trainer.is_main:
-            write_pointer(self.root / LATEST, name)  # only once the checkpoint is complete
+
+        def published() -> None:  # main rank, once the checkpoint is complete
+            write_pointer(self.root / LATEST, name)
             self._prune()
+
+        self._write(self.root / name, trainer, self.include_optimizer, then=published)
         self._saved_step = step
         trainer.metrics["checkpoint_save_s"] = trainer.metrics.get("checkpoint_save_s", 0.0) + (
             time.perf_counter() - start)
@@ -150,9 +167,10 @@ class CheckpointManager(Callback):
         start = time.perf_counter()
         best = self.root / BEST
         if self._saved_step == trainer.state.step:
-            if trainer.is_main:  # the same state was just saved: share its files
+            if trainer.is_main:  # the same state was just saved: share its files, once they are written
                 saved = self.root / step_name(self._saved_step)
-                self._guarded(best, lambda tmp: (link_tree(saved, tmp), publish_dir(tmp, best)))
+                self._after_pending_writes(
+                    trainer, lambda: self._guarded(best, lambda tmp: (link_tree(saved, tmp), publish_dir(tmp, best))))
         else:
             self._write(best, trainer, self.include_optimizer)
         self._best_pending = False
@@ -162,6 +180,7 @@ class CheckpointManager(Callback):
     def save_final(self, trainer) -> None:
         """RUN_DIR/checkpoints/final: the trained model only (what inference and distillation load)."""
         final, step = self.root / FINAL, trainer.state.step
+        self.writer.flush()  # the step-N it may share files with is published
         assert_finite_weights(trainer, final)
         model_files = [WEIGHTS_FILE, MODEL_CONFIG_FILE]
         saved = self.root / step_name(step) if self._saved_step == step else None
@@ -183,35 +202,57 @@ class CheckpointManager(Callback):
         self._guarded(final, write)
         trainer.summary["final_checkpoint"] = str(final)
 
-    def _write(self, final: Path, trainer, include_optimizer: bool) -> None:
-        """Write a full checkpoint into a temporary dir, then publish it atomically as `final`."""
+    def _write(self, final: Path, trainer, include_optimizer: bool, then=None) -> None:
+        """Save a full checkpoint as `final` (via a temporary dir, published atomically), then
+        run `then()` on the main rank; unsharded, in the background (the state is copied first)."""
         assert_finite_weights(trainer, final)
         sharded = uses_sharded_checkpoints(trainer)
         p = trainer.parallel
         if not (sharded or trainer.is_main):
-            p.barrier()  # wait for the main rank's write
+            p.barrier()  # the main rank has taken its snapshot
+            return
+        if not sharded:
+            self.writer.flush()  # one snapshot in memory at a time; an earlier write's error surfaces here
+            snapshot = take_snapshot(trainer, include_optimizer)
+
+            def job() -> None:
+                self._guarded(final, lambda tmp: self._publish(tmp, final, write_snapshot(tmp, snapshot), snapshot.step))
+                if then is not None:
+                    then()
+
+            self.writer.submit(job)
+            p.barrier()
             return
 
         def write(tmp: Path) -> None:
             required = write_checkpoint(tmp, trainer, include_optimizer)
-            if sharded:
-                p.barrier()  # every rank's shard is on disk
+            p.barrier()  # every rank's shard is on disk
             if trainer.is_main:
-                delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-                if delay:
-                    time.sleep(delay)
-                write_manifest(tmp, trainer.state.step, required)
-                publish_dir(tmp, final)
+                self._publish(tmp, final, required, trainer.state.step)
 
-        if sharded:
-            tmp = final.parent / f"{TMP_PREFIX}{final.name}"
-            if trainer.is_main:
-                temporary_dir(final)
-            p.barrier()
-            self._guarded(final, write, tmp)
-        else:
-            self._guarded(final, write)
+        tmp = final.parent / f"{TMP_PREFIX}{final.name}"
+        if trainer.is_main:
+            temporary_dir(final)
         p.barrier()
+        self._guarded(final, write, tmp)
+        p.barrier()
+        if trainer.is_main and then is not None:
+            then()
+
+    def _publish(self, tmp: Path, final: Path, required: list[str], step: int) -> None:
+        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        write_manifest(tmp, step, required)
+        publish_dir(tmp, final)
+
+    def _after_pending_writes(self, trainer, job) -> None:
+        """Run `job` once the writes submitted so far are done: queued behind them when saves are
+        asynchronous, else now."""
+        if uses_sharded_checkpoints(trainer):
+            job()
+        else:
+            self.writer.submit(job)
 
     def _guarded(self, final: Path, write, tmp: Path | None = None) -> None:
         """Run `write(tmp)`; an I/O failure (disk full...) removes the partial save and says where."""
@@ -223,8 +264,7 @@ class CheckpointManager(Callback):
             raise
         except Exception as e:  # OSError, torch's and safetensors' own write errors (disk full...)
             shutil.rmtree(tmp, ignore_errors=True)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
-            raise CheckpointError(f"could not write checkpoint {final}: {reason}; "
+            raise CheckpointError(f"could not write checkpoint {final}: {write_failure(e, final.parent)}; "
                                   f"earlier checkpoints in {self.root} are unchanged") from e
 
     def _prune(self) -> None:
@@ -237,9 +277,7 @@ class CheckpointManager(Callback):
         for old in steps[:-self.keep_last_n]:
             if old == latest:
                 continue
-            doomed = old.parent / f"{TMP_PREFIX}delete-{old.name}"  # never a half-deleted step-N
-            os.rename(old, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            remove_tree(old)
 
     # ---------------------------------------------------------- preflight
     def _check_free_space(self, trainer) -> None:

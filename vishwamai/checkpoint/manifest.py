@@ -73,3 +73,9 @@ def verify(directory: Path) -> dict:
         if sha256_of(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file corrupt: {file} does not match its sha256 in {path}")
     return manifest
+
+
+def verify_if_listed(directory: Path) -> dict | None:
+    """verify() a directory that has a manifest (every checkpoint training writes); one saved
+    without it (save_model, an export) cannot be checked and is taken as it is."""
+    return verify(directory) if (directory / MANIFEST_FILE).exists() else None

@@ -15,14 +15,15 @@ import logging
 import os
 from pathlib import Path
 
-from vishwamai.checkpoint.layout import CHECKPOINTS_DIR, checkpoints_root, resume_candidates
+from vishwamai.checkpoint.atomic import read_pointer, write_pointer
+from vishwamai.checkpoint.layout import (ABANDONED_DIR, BEST, CHECKPOINTS_DIR, LATEST, checkpoints_after,
+                                         checkpoints_root, resume_candidates)
 from vishwamai.checkpoint.manifest import MANIFEST_FILE, verify
+from vishwamai.checkpoint.rundir import METRICS_FILE
 from vishwamai.checkpoint.state import TRAINER_STATE_FILE, load_checkpoint
 from vishwamai.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def candidates_for(spec: str, run_dir: Path) -> tuple[list[Path], bool]:
@@ -48,6 +49,7 @@ def resume(trainer, spec: str, run_dir: str | Path) -> Path | None:
         if trainer.is_main:
             log.info("training.resume=%s: no checkpoint in %s yet, starting from step 0", spec,
                      checkpoints_root(run_dir))
+            truncate_metrics(run_dir / METRICS_FILE, 0)  # rows of a run killed before its first checkpoint
         trainer.summary["resumed_from"] = None
         return None
     problems = []
@@ -65,10 +67,36 @@ def resume(trainer, spec: str, run_dir: str | Path) -> Path | None:
         if trainer.is_main:
             log.info("resumed from %s at step %d", directory, step)
             truncate_metrics(run_dir / METRICS_FILE, step)
+            retire_newer(checkpoints_root(run_dir), directory, step)
         trainer.summary["resumed_from"] = str(directory)
         return directory
     raise CheckpointError(f"training.resume={spec}: no valid checkpoint among {[str(c) for c in candidates]}: "
                           + "; ".join(problems))
+
+
+def retire_newer(root: Path, resumed: Path, step: int) -> None:
+    """Resuming this run from step S makes S its newest state: later checkpoints in its own
+    checkpoints/ (invalid ones skipped above, or an abandoned continuation when an older one
+    was named) are moved to RUN_DIR/checkpoints_abandoned/, as later metrics rows are dropped,
+    so resume=auto never returns to them. Moved, not deleted: nothing a user trained is lost."""
+    if resumed.parent.resolve() != root.resolve():
+        return
+    for newer in checkpoints_after(root, step):
+        target = unused_path(root.parent / ABANDONED_DIR / f"{newer.name}-after-resume-from-{resumed.name}")
+        log.warning("moving %s to %s: newer than the checkpoint resumed from (%s)", newer, target, resumed)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(newer, target)
+    if read_pointer(root / LATEST) != resumed.name and resumed.name != BEST:
+        write_pointer(root / LATEST, resumed.name)
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`... whichever does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from vishwamai.checkpoint.io import (MODEL_CONFIG_FILE, WEIGHTS_FILE, apply_weights, as_model_config,
-                                     read_model_config, read_weights, save_model)
+                                     model_state_for_saving, read_model_config, read_weights, save_model)
+from vishwamai.checkpoint.messages import load_failure
 from vishwamai.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -106,37 +107,73 @@ def assert_finite_weights(trainer, directory: Path) -> None:
         raise CheckpointError(f"refusing to write {directory}: non-finite weights in {bad[:5] or 'another rank'}")
 
 
+@dataclasses.dataclass
+class Snapshot:
+    """A checkpoint's content copied out of the live training objects: writable later (in a
+    background thread) while training goes on, and still exactly the state at `step`."""
+
+    step: int
+    sharded: bool
+    model_cfg: Any
+    weights: dict[str, torch.Tensor] | None  # None when the shards hold them (written by every rank)
+    trainer_state: dict[str, Any]
+    rng: dict[str, Any]
+
+
+def clone_tree(value: Any) -> Any:
+    """A copy of plain data whose tensors are new CPU tensors: the next optimizer step, which
+    updates weights and moments in place, cannot reach it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return type(value)((key, clone_tree(item)) for key, item in value.items())
+    if type(value) in (list, tuple, set):
+        return type(value)(clone_tree(item) for item in value)
+    return value  # immutable leaves (check_plain_data admits nothing else), torch.Size
+
+
+def take_snapshot(trainer, include_optimizer: bool) -> Snapshot:
+    """The main rank's part of a checkpoint, copied (call assert_finite_weights first)."""
+    sharded = uses_sharded_checkpoints(trainer)
+    trainer_state = trainer.state_dict(include_optimizer=include_optimizer and not sharded)
+    check_plain_data(trainer_state)
+    weights = None if sharded else model_state_for_saving(trainer.raw_model, copy=True)
+    return Snapshot(trainer.state.step, sharded, as_model_config(trainer.cfg.model), weights,
+                    clone_tree(trainer_state), capture_rng())
+
+
+def write_snapshot(directory: Path, snapshot: Snapshot) -> list[str]:
+    """Write a snapshot's files into `directory` (a temporary dir); returns the required files."""
+    required = [MODEL_CONFIG_FILE, TRAINER_STATE_FILE]
+    if snapshot.weights is None:
+        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(snapshot.model_cfg), indent=1))
+    else:
+        save_model(directory, None, snapshot.model_cfg, full_state=snapshot.weights)
+        required.append(WEIGHTS_FILE)
+    state = {
+        "format_version": STATE_FORMAT_VERSION,
+        "step": snapshot.step,
+        "sharded": snapshot.sharded,
+        "trainer": snapshot.trainer_state,
+        "rng": snapshot.rng,
+    }
+    torch.save(state, directory / TRAINER_STATE_FILE)
+    return required
+
+
 def write_checkpoint(directory: Path, trainer, include_optimizer: bool) -> list[str]:
-    """Write the checkpoint files into `directory` (a temporary dir); returns the required files.
+    """Write the checkpoint files into `directory` (a temporary dir) now; returns the required files.
 
     Sharded: every rank calls this; otherwise only the main rank does.  Call
     assert_finite_weights on every rank first.
     """
-    sharded = uses_sharded_checkpoints(trainer)
-    if sharded:
+    if uses_sharded_checkpoints(trainer):
         from vishwamai.distributed.checkpoint import save_sharded
 
         save_sharded(directory, trainer, include_optimizer)
-    required = [MODEL_CONFIG_FILE, TRAINER_STATE_FILE]
     if not trainer.is_main:
-        return required
-    if sharded:
-        model_cfg = as_model_config(trainer.cfg.model)
-        (directory / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
-    else:
-        save_model(directory, trainer.raw_model, trainer.cfg.model)
-        required.append(WEIGHTS_FILE)
-    trainer_state = trainer.state_dict(include_optimizer=include_optimizer and not sharded)
-    check_plain_data(trainer_state)
-    state = {
-        "format_version": STATE_FORMAT_VERSION,
-        "step": trainer.state.step,
-        "sharded": sharded,
-        "trainer": trainer_state,
-        "rng": capture_rng(),
-    }
-    torch.save(state, directory / TRAINER_STATE_FILE)
-    return required
+        return [MODEL_CONFIG_FILE, TRAINER_STATE_FILE]
+    return write_snapshot(directory, take_snapshot(trainer, include_optimizer))
 
 
 # ----------------------------------------------------------------------- load
@@ -150,8 +187,7 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
         # weights_only refuses globals outside torch's allow-list (e.g. os.system in a crafted
         # __reduce__) before calling anything, so the payload never runs.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: not a plain-data trainer state ({first_line})") from e
+        raise CheckpointError(f"refusing to load {path}: not a plain-data trainer state ({load_failure(e)})") from e
     if not isinstance(state, dict) or state.get("format_version") != STATE_FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a vishwamai trainer state (format_version "
                               f"{state.get('format_version') if isinstance(state, dict) else None!r})")

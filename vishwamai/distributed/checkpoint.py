@@ -14,11 +14,18 @@ rank) holding
 Resume needs the same world size with ZeRO; an FSDP model's shards are re-split by
 DCP if the layout changed.  `python -m vishwamai.distributed.consolidate DIR OUT`
 turns DIR into a single-file model (model.safetensors + model_config.json).
+
+Trust model: a checkpoint directory is data, never code.  DCP's own reader unpickles
+shards/.metadata with plain pickle (a crafted file would run code); every read here goes
+through SafeFileSystemReader, whose unpickler admits only the classes DCP metadata is
+made of.  Tensor data is read by DCP with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
+import pickle
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -31,6 +38,62 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from vishwamai.errors import CheckpointError
 
 SHARDS_DIR = "shards"
+METADATA_FILE = ".metadata"
+
+# Everything a DCP .metadata file is made of (torch/distributed/checkpoint/metadata.py,
+# filesystem.py's _StorageInfo; torch pickles a layout through _get_layout(name)).
+# Constructing any of these from pickled arguments runs no user-chosen code.
+_DCP = "torch.distributed.checkpoint"
+_METADATA_GLOBALS = {
+    (f"{_DCP}.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
+} | {(f"{_DCP}.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+      ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+      ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath")}  # Python >= 3.13 names
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)  # dtypes are pickled by name
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_dcp_metadata(path: Path):
+    """The DCP Metadata in file `path`, refusing anything but plain metadata (CheckpointError naming it)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"sharded checkpoint metadata missing: {path}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt pickle raises many types
+        raise CheckpointError(f"refusing to read {path}: not plain checkpoint metadata ({e})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointError(f"refusing to read {path}: not a checkpoint's metadata")
+    for info in (metadata.storage_data or {}).values():
+        relative = PurePosixPath(str(getattr(info, "relative_path", "")))
+        # Shard files sit beside .metadata: a crafted name must not read files elsewhere.
+        if relative.is_absolute() or len(relative.parts) != 1 or relative.name in ("", ".", ".."):
+            raise CheckpointError(f"refusing to read {path}: it names a shard file outside {path.parent}")
+    return metadata
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file-system reader with the metadata read by read_dcp_metadata (no plain pickle)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        metadata = read_dcp_metadata(Path(self._get_metadata_path(rank)))
+        if metadata.storage_meta is None:  # as FileSystemReader.read_metadata does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def shards_path(directory: str | Path) -> Path:
@@ -74,9 +137,9 @@ def save_sharded(directory: str | Path, trainer, include_optimizer: bool = True)
 def saved_keys(directory: str | Path) -> set[str]:
     """Top-level entries of a sharded checkpoint ('model', 'optimizer', 'zero_rank0', ...)."""
     path = shards_path(directory)
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"{directory} has no sharded checkpoint ({path}/.metadata missing)")
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    if not (path / METADATA_FILE).is_file():
+        raise CheckpointError(f"{directory} has no sharded checkpoint ({path}/{METADATA_FILE} missing)")
+    metadata = read_dcp_metadata(path / METADATA_FILE)
     return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
 
 
@@ -89,10 +152,7 @@ def load_sharded(directory: str | Path, trainer) -> None:
         raise CheckpointError(
             f"{directory} holds optimizer state for another layout ({sorted(keys - {'model'})[:4]}); "
             f"resume with the distributed settings it was saved with (distributed.zero_optimizer, world size)")
-    try:
-        dcp.load(state, checkpoint_id=str(shards_path(directory)))
-    except Exception as e:  # DCP wraps per-rank failures (missing/corrupt shard files, shape mismatch)
-        raise CheckpointError(f"could not load the sharded checkpoint {directory}: {e}") from e
+    _load(state, directory)
     model, optimizer = trainer.raw_model, trainer.optimizer
     set_model_state_dict(model, state["model"])
     if not has_optimizer:
@@ -110,6 +170,18 @@ def load_full_model_state(directory: str | Path, model: torch.nn.Module) -> None
     if "model" not in keys:
         raise CheckpointError(f"{directory} holds no model weights")
     state = {"model": model.state_dict()}
-    # Without a process group DCP reads every shard into this process.
-    dcp.load(state, checkpoint_id=str(shards_path(directory)), no_dist=True)
+    _load(state, directory, no_dist=True)  # without a process group DCP reads every shard here
     model.load_state_dict(state["model"])
+
+
+def _load(state: dict[str, Any], directory: str | Path, no_dist: bool = False) -> None:
+    """dcp.load through SafeFileSystemReader; its failures become a CheckpointError naming `directory`."""
+    from vishwamai.checkpoint.messages import load_failure
+
+    path = shards_path(directory)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), checkpoint_id=str(path), no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP wraps per-rank failures (missing/corrupt shard files, shape mismatch)
+        raise CheckpointError(f"could not load the sharded checkpoint {directory}: {load_failure(e)}") from e
