@@ -1,5 +1,5 @@
 """KFP v2 lightweight components, one per stage: prepare, pretrain (or pretrain_job: a multi-node
-PyTorchJob), distill, prune, quantize, evaluate.
+PyTorchJob), distill, prune, quantize, evaluate, export (the final model in the Hugging Face layout).
 
 Each is a thin function around vishwamai.kubeflow.stages (the package's own entry points;
 no training logic here).  KFP copies only a component function's source into the pod, so each
@@ -21,6 +21,7 @@ from kfp import dsl
 
 from components.distill import distill
 from components.evaluate import evaluate
+from components.export import export
 from components.prepare import prepare
 from components.pretrain import pretrain
 from components.pretrain_job import pretrain_job
@@ -38,6 +39,7 @@ STAGES: dict[str, Callable] = {
     "prune": prune,
     "quantize": quantize,
     "evaluate": evaluate,
+    "export": export,
 }
 
 

@@ -1,4 +1,7 @@
-"""prepare -> pretrain -> distill -> prune -> quantize -> evaluate, as one KFP v2 pipeline.
+"""prepare -> pretrain -> distill -> prune -> quantize -> evaluate + export, as one KFP v2 pipeline.
+
+Outputs: the comparison (metrics, report, report_html) and `model`, the final (pruned, quantized)
+model exported as a Hugging Face directory (vishwamai.export; int8 weights dequantized to `export_dtype`).
 
 Runtime parameters (chosen per run, in the KFP UI or `vishwamai-pipeline run --param k=v`):
 model size, steps per stage, the student's architecture, sparsity, quantization mode, Hydra
@@ -26,7 +29,7 @@ from components import DEFAULT_IMAGE, build_components
 from vishwamai.kubeflow.pytorchjob import MOUNT, SECRET_ENV, SECRET_NAME
 
 PIPELINE_NAME = "vishwamai-compress"
-STAGE_ORDER = ("prepare", "pretrain", "distill", "prune", "quantize", "evaluate")
+STAGE_ORDER = ("prepare", "pretrain", "distill", "prune", "quantize", "evaluate", "export")
 IMAGE_UID = 10001  # USER in the Dockerfile
 DEFAULT_STUDENT = ["model.d_model=128", "model.n_layers=2", "model.n_heads=4"]
 
@@ -162,7 +165,7 @@ class PipelineShape:
         return {k: v for k, v in settings.items() if v is not None}  # KFP constants cannot be None
 
 
-Outputs = NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML)
+Outputs = NamedTuple("Outputs", metrics=Metrics, report=Markdown, report_html=HTML, model=Model)
 
 
 def pipeline_signature(shape: PipelineShape) -> inspect.Signature:
@@ -177,7 +180,7 @@ def pipeline_signature(shape: PipelineShape) -> inspect.Signature:
     params = [param("model_preset", str, "tiny"), param("pretrain_steps", int, 300), param("distill_steps", int, 300),
               param("prune_steps", int, 200), param("student_overrides", list, DEFAULT_STUDENT),
               param("target_sparsity", float, 0.5), param("quantization_mode", str, "dynamic"),
-              param("calibration_steps", int, 16), param("overrides", list, [])]
+              param("calibration_steps", int, 16), param("export_dtype", str, "bfloat16"), param("overrides", list, [])]
     required = [param(name, str) for name, on in (("corpus_uri", shape.corpus_uri), ("teacher_uri", shape.teacher_uri))
                 if on]
     return inspect.Signature(required + params, return_annotation=Outputs)
@@ -229,25 +232,27 @@ def build_pipeline(image: str = DEFAULT_IMAGE, pod: Optional[PodSettings] = None
                             calibration_steps=p["calibration_steps"], **common)
         ev = c["evaluate"](teacher=teacher, student=dis.outputs["student"], pruned=pru.outputs["pruned"],
                            quantized=qua.outputs["quantized"], **common)
+        ex = c["export"](quantized=qua.outputs["quantized"], pruned=pru.outputs["pruned"], dtype=p["export_dtype"])
+        ex.set_display_name("export (Hugging Face)")
         for task in (*trained, dis, pru):
             pod.apply(task, gpu=True)
-        for task in (*cpu_only, qua, ev):  # int8 kernels, the comparison, checks and the job launcher: CPU
+        for task in (*cpu_only, qua, ev, ex):  # int8 kernels, the comparison, export, checks, the job launcher: CPU
             pod.apply(task, gpu=False)
         prep.set_retry(num_retries=0)  # its failures are user errors: fail once, at once
-        return ev
+        return ev, ex
 
     signature = pipeline_signature(shape)
 
     def vishwamai_pipeline(*args, **kwargs):
-        ev = stages(dict(signature.bind(*args, **kwargs).arguments))
-        return Outputs(ev.outputs["metrics"], ev.outputs["report"], ev.outputs["report_html"])
+        ev, ex = stages(dict(signature.bind(*args, **kwargs).arguments))
+        return Outputs(ev.outputs["metrics"], ev.outputs["report"], ev.outputs["report_html"], ex.outputs["exported"])
 
     vishwamai_pipeline.__signature__ = signature
     vishwamai_pipeline.__annotations__ = {**{n: p.annotation for n, p in signature.parameters.items()},
                                           "return": Outputs}
     return dsl.pipeline(name=PIPELINE_NAME,
                         description="vishwamai: pretrain a teacher, distil a student, prune, int8-quantize, "
-                                    "evaluate")(vishwamai_pipeline)
+                                    "evaluate, export to the Hugging Face layout")(vishwamai_pipeline)
 
 
 def compile_pipeline(output: str, image: str = DEFAULT_IMAGE, pod: Optional[PodSettings] = None,

@@ -73,6 +73,7 @@ def test_pipeline_stages_in_order(compiled):
     assert deps["prune"] == {"prepare", "distill"}
     assert deps["quantize"] == {"prepare", "prune"}
     assert deps["evaluate"] == {"prepare", "pretrain", "distill", "prune", "quantize"}
+    assert deps["export"] == {"prune", "quantize"}
 
 
 def producer(task: dict, artifact: str) -> tuple[str, str]:
@@ -98,6 +99,13 @@ def test_artifacts_flow_between_stages(compiled):
     # The seam for an export step: the quantized Model artifact is the pipeline's final model.
     quantized = compiled[0]["components"]["comp-quantize"]["outputDefinitions"]["artifacts"]["quantized"]
     assert quantized["artifactType"]["schemaTitle"] == "system.Model"
+    # The last stage: the final model, exported in the Hugging Face layout, is a pipeline output.
+    assert producer(tasks["export"], "quantized") == ("quantize", "quantized")
+    assert producer(tasks["export"], "pruned") == ("prune", "pruned")
+    pipeline_outputs = compiled[0]["root"]["outputDefinitions"]["artifacts"]
+    assert pipeline_outputs["model"]["artifactType"]["schemaTitle"] == "system.Model"
+    assert compiled[0]["root"]["dag"]["outputs"]["artifacts"]["model"]["artifactSelectors"][0] == {
+        "outputArtifactKey": "exported", "producerSubtask": "export"}
 
 
 def test_parameters_image_resources_retries_and_scheduling(compiled):
@@ -397,6 +405,18 @@ def check_pipeline_outputs(task) -> None:
     assert metrics["student_parameters"] < metrics["teacher_parameters"]
     assert metrics["pruned_nonzero_parameters"] < metrics["student_nonzero_parameters"]
     assert metrics["quantized_size_bytes"] < metrics["pruned_size_bytes"]
+    check_exported_model(task.outputs["model"].path)
+
+
+def check_exported_model(path: str) -> None:
+    """The pipeline's model output loads with transformers and generates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.dtype == torch.bfloat16  # export_dtype's default
+    out = model.generate(torch.tensor([[100, 101, 102]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
 
 
 @pytest.mark.slow
@@ -460,6 +480,7 @@ def test_pipeline_runs_on_the_users_corpus_with_an_existing_teacher(tmp_path, ti
     assert student_config["data"]["path"] == str(corpus)  # the user's corpus, not the embedded one
     assert student_config["distillation"]["teacher_model"]["path"].startswith(trained_teacher)
     assert "| teacher |" in Path(task.outputs["report"].path).read_text()
+    check_exported_model(task.outputs["model"].path)
 
 
 # ------------------------------------------------------------------------------- pod launcher

@@ -93,8 +93,11 @@ def copy_tokenizer(spec: str, output: Path) -> tuple[int | None, int | None]:
     return tokenizer.eos_id, getattr(tokenizer, "bos_id", None)
 
 
-def export(source: str | Path, output: str | Path, dtype: str = "float32") -> Path:
-    """Write the Hugging Face directory for `source` at `output` (atomically: all files or none)."""
+def export(source: str | Path, output: str | Path, dtype: str = "float32", tokenizer: str | None = None) -> Path:
+    """Write the Hugging Face directory for `source` at `output` (atomically: all files or none).
+
+    `tokenizer`: a data.tokenizer spec; by default that of the run the model came from (run_tokenizer).
+    """
     from vishwamai.compress.measure import resolve_model_dir
 
     if dtype not in DTYPES:
@@ -107,7 +110,7 @@ def export(source: str | Path, output: str | Path, dtype: str = "float32") -> Pa
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        eos, bos = copy_tokenizer(run_tokenizer(directory), staging)
+        eos, bos = copy_tokenizer(tokenizer or run_tokenizer(directory), staging)
         save_file(to_hf_state(state, cfg, getattr(torch, dtype)), str(staging / SINGLE_FILE),
                   metadata={"format": "pt"})
         (staging / HF_CONFIG_FILE).write_text(json.dumps(from_model_config(cfg, dtype, eos, bos), indent=2))

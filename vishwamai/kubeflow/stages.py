@@ -249,6 +249,16 @@ def quantize(mode: str, calibration_steps: int, pruned: str, dataset: str, quant
     return report
 
 
+def export(quantized: str, pruned: str, dtype: str, exported_out: str) -> str:
+    """The pipeline's final model as a Hugging Face directory (vishwamai.export): the quantized model's
+    weights dequantized to `dtype`, with the tokenizer of the run it came from (the pruned run's
+    config.yaml travels in its lean Model artifact; the quantized artifact carries no run files)."""
+    from vishwamai.hf.export import export as export_hf, run_tokenizer
+
+    with user_errors():  # KFP creates the output artifact's directory empty: export() accepts that
+        return str(export_hf(quantized, exported_out, dtype, tokenizer=run_tokenizer(Path(model_dir(pruned)))))
+
+
 def evaluate(models: dict[str, str], dataset: str, output_dir: str, metrics: MetricsSink, report_md: str,
              report_html: str, corpus: Optional[str] = None) -> dict[str, Any]:
     """Compare the stages' models on the same validation windows (loss, perplexity, size, latency).
