@@ -3,7 +3,7 @@
 Same search space, metric and trial runs as the Optuna backend; the schedulers
 play the pruner's part:
   tuning.pruner  median -> MedianStoppingRule, successive_halving -> ASHA,
-                 hyperband -> HyperBand, none -> FIFO
+                 hyperband -> HyperBand, none -> FIFO, pbt -> PopulationBasedTraining (pbt.py)
   tuning.sampler random -> Ray's random search, tpe / cmaes -> OptunaSearch with that
                  sampler, grid -> grid_search over the grid, bohb -> TuneBOHB with
                  HyperBandForBOHB (needs `hpbandster` and `ConfigSpace`)
@@ -14,6 +14,7 @@ Trials run in Ray worker processes, `tuning.n_jobs` at a time.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vishwamai.errors import ConfigError
 from vishwamai.tune.results import StudyResult, TrialRecord
 from vishwamai.tune.space import Param
-from vishwamai.tune.trial import Reporter, objective_value, run_trial, trial_config
+from vishwamai.tune.trial import Reporter, TrialFailed, failure_reason, objective_value, run_trial, trial_config
 
 INSTALL_HINT = "pip install 'vishwamai[ray]'"
 
@@ -36,6 +37,29 @@ def require_ray():
         raise ConfigError("tuning.framework", f"'ray' needs Ray Tune, which is not installed ({e.name} is "
                                               f"missing): {INSTALL_HINT}, or use tuning.framework=optuna") from None
     return ray, tune
+
+
+def require_bohb() -> None:
+    """TuneBOHB's own packages, checked before the study (Ray's error would come from a worker)."""
+    import importlib.util
+
+    missing = [m for m in ("hpbandster", "ConfigSpace") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("tuning.sampler", f"bohb needs the packages {missing} (pip install hpbandster "
+                                            f"ConfigSpace, or {INSTALL_HINT}), or use another tuning.sampler")
+
+
+def check_ray_study(cfg: DictConfig, params: list[Param]) -> None:
+    """What a Ray study would refuse, checked before the first trial (preflight)."""
+    require_ray()
+    tu = cfg.tuning
+    if tu.sampler == "bohb":
+        require_bohb()
+    if tu.pruner == "pbt":
+        from vishwamai.tune import pbt
+
+        pbt.check_sampler(tu)
+        pbt.perturbed(params)
 
 
 def ray_domain(tune, p: Param, grid: bool):
@@ -55,43 +79,76 @@ def _report_fn(ray, tune):
     return getattr(tune, "report", None) or ray.train.report
 
 
+def trial_number(trial_id: str) -> int:
+    """Ray's trial ids end in the trial's index in the experiment: 'a1b2c_00003' -> 3."""
+    return int(trial_id.rsplit("_", 1)[-1])
+
+
 def _trial_id(ray, tune) -> str:
     get_context = getattr(tune, "get_context", None) or ray.train.get_context
     return get_context().get_trial_id()
 
 
 def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri: str | None) -> None:
-    """One Ray trial (runs in a Ray worker process)."""
+    """One Ray trial (runs in a Ray worker process).  Started again by Ray with a checkpoint (PBT's
+    exploit, or a restored study) it resumes from that checkpoint; otherwise from its own run dir's."""
     from vishwamai.config import VishwamaiConfig
+    from vishwamai.tune import pbt
 
     ray, tune = require_ray()
     cfg = OmegaConf.merge(OmegaConf.structured(VishwamaiConfig), base)
-    metric = cfg.tuning.metric
+    metric, is_pbt = cfg.tuning.metric, cfg.tuning.pruner == "pbt"
     report = _report_fn(ray, tune)
+    number = trial_number(_trial_id(ray, tune))
+    trial_cfg = trial_config(cfg, values, Path(run_dir) / "trials" / f"trial-{number}", tracking_uri)
+    trial_cfg.training.resume = "auto"  # a restarted trial continues from what it saved, if anything
+    if is_pbt:
+        interval = cfg.tuning.pbt.perturbation_interval
+        trial_cfg.checkpointing.every_n_steps = interval
 
-    def send(step: int, value: float) -> bool:
-        report({metric: value, "step": step})  # the scheduler stops the trial inside this call
-        return False
+        def send_checkpoint(step: int, value: float, checkpoint: Path | None) -> None:
+            report({metric: value, "step": step},
+                   checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
 
-    trial_dir = Path(run_dir) / "trials" / f"trial-{_trial_id(ray, tune)}"
-    summary = run_trial(trial_config(cfg, values, trial_dir, tracking_uri), [Reporter(metric, send)])
-    objective_value(summary, metric)  # raises on a non-finite result: Ray records the trial as errored
+        callbacks = [pbt.PbtReporter(metric, number, interval, send_checkpoint), pbt.ApplyHyperparameters()]
+    else:
+        def send(step: int, value: float) -> bool:
+            report({metric: value, "step": step})  # the scheduler stops the trial inside this call
+            return False
+
+        callbacks = [Reporter(metric, send)]
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
+        if restored:
+            pbt.restore_from(Path(restored), trial_cfg, number, values, Path(run_dir))
+        try:
+            summary = run_trial(trial_cfg, callbacks)
+            objective_value(summary, metric)  # raises on a non-finite result
+        except Exception as e:  # noqa: BLE001 - Ray records the trial as errored; its reason as a plain
+            raise TrialFailed(failure_reason(e)) from None  # exception (Ray copies it; ours need arguments)
 
 
-def _scheduler(cfg: DictConfig):
+def _scheduler(cfg: DictConfig, params: list[Param], tune):
     from ray.tune import schedulers
 
     tu, t = cfg.tuning, cfg.training
     grace = max(1, tu.pruner_warmup_steps or t.eval_every_n_steps or t.max_steps)
+    # Ray stops (kills) a trial whose time reaches max_t: one step past the end lets a trial that
+    # gets there write its final checkpoint and summary.
+    max_t = t.max_steps + 1
+    if tu.pruner == "pbt":
+        from vishwamai.tune import pbt
+
+        return pbt.scheduler(cfg, params, lambda p: ray_domain(tune, p, grid=False))
     if tu.sampler == "bohb":
-        return schedulers.HyperBandForBOHB(time_attr="step", max_t=t.max_steps)
+        return schedulers.HyperBandForBOHB(time_attr="step", max_t=max_t)
     if tu.pruner == "median":
         return schedulers.MedianStoppingRule(time_attr="step", grace_period=grace,
                                              min_samples_required=max(1, tu.pruner_startup_trials))
     if tu.pruner == "successive_halving":
-        return schedulers.ASHAScheduler(time_attr="step", max_t=t.max_steps, grace_period=grace)
+        return schedulers.ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace)
     if tu.pruner == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr="step", max_t=t.max_steps)
+        return schedulers.HyperBandScheduler(time_attr="step", max_t=max_t)
     return schedulers.FIFOScheduler()
 
 
@@ -105,8 +162,10 @@ def _search(tu: DictConfig):
     if tu.sampler == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.sampler_seed)
+        # Tune applies max_concurrent_trials only to searchers it wraps: this one takes it itself.
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.sampler_seed, max_concurrent=tu.n_jobs)
     if tu.sampler == "bohb":
+        require_bohb()
         from ray.tune.search.bohb import TuneBOHB
 
         return TuneBOHB(points_to_evaluate=points, seed=tu.sampler_seed)
@@ -125,8 +184,9 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
     tu = cfg.tuning
     grid = tu.sampler == "grid"
     run_config = getattr(tune, "RunConfig", None) or ray.train.RunConfig  # moved to ray.tune in 2.43
-    if not ray.is_initialized():
-        ray.init(address=tu.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    if not ray.is_initialized():  # a caller's own ray.init (e.g. with num_cpus) is kept
+        ray.init(address=tu.ray_address, ignore_reinit_error=True, log_to_driver=True,
+                 **({} if tu.ray_address else {"include_dashboard": False}))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
                              tracking_uri=tracking_uri(cfg, run_dir)),
@@ -140,20 +200,25 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
         tuner = tune.Tuner(
             trainable,
             param_space={p.key: ray_domain(tune, p, grid) for p in params},
-            tune_config=tune.TuneConfig(metric=tu.metric, mode="min" if tu.direction == "minimize" else "max",
-                                        num_samples=1 if grid else tu.num_trials, scheduler=_scheduler(cfg),
-                                        search_alg=_search(tu), max_concurrent_trials=tu.n_jobs,
-                                        time_budget_s=tu.timeout_s),
+            tune_config=tune.TuneConfig(
+                metric=tu.metric, mode="min" if tu.direction == "minimize" else "max",
+                num_samples=1 if grid else tu.num_trials, scheduler=_scheduler(cfg, params, tune),
+                search_alg=_search(tu), max_concurrent_trials=tu.n_jobs, time_budget_s=tu.timeout_s,
+                trial_dirname_creator=trial_dirname),
             run_config=run_config(name=tu.study_name, storage_path=str(storage)),
         )
     grid_result = tuner.fit()
-    return _result(cfg, grid_result, path)
+    return _result(cfg, grid_result, path, run_dir)
 
 
-def _result(cfg: DictConfig, grid_result, storage: str) -> StudyResult:
+def _result(cfg: DictConfig, grid_result, storage: str, run_dir: Path) -> StudyResult:
+    from vishwamai.tune.pbt import read_exploits
+
     tu = cfg.tuning
-    out = StudyResult("ray", tu.study_name, tu.metric, tu.direction, storage=storage)
-    for number, r in enumerate(grid_result):
+    out = StudyResult("ray", tu.study_name, tu.metric, tu.direction, storage=storage,
+                      exploits=read_exploits(run_dir) if tu.pruner == "pbt" else None)
+    for r in sorted(grid_result, key=lambda r: _number_of(r.path)):
+        number = _number_of(r.path)
         metrics = r.metrics or {}
         if r.error is not None:
             state, value = "FAIL", None
@@ -162,7 +227,23 @@ def _result(cfg: DictConfig, grid_result, storage: str) -> StudyResult:
             # A trial the scheduler stopped never reached the last step.
             state = "COMPLETE" if metrics.get("step") == cfg.training.max_steps else "PRUNED"
         params = {k: v for k, v in (r.config or {}).items()}
-        out.trials.append(TrialRecord(number, state, value, params,
-                                      None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:1000],
-                                      str(r.path) if getattr(r, "path", None) else None))
+        out.trials.append(TrialRecord(number, state, value, params, None if r.error is None else _reason(r.error),
+                                      str(run_dir / "trials" / f"trial-{number}")))
     return out
+
+
+def _reason(error: BaseException) -> str:
+    """The trial's own failure reason, out of Ray's wrapper (its message ends with our TrialFailed line)."""
+    text = str(error).strip().splitlines()
+    ours = [line for line in text if line.startswith(f"{TrialFailed.__module__}.TrialFailed: ")
+            or line.startswith("TrialFailed: ")]
+    return (ours[-1].split(": ", 1)[1] if ours else f"{type(error).__name__}: {text[-1] if text else ''}")[:1000]
+
+
+def trial_dirname(trial) -> str:
+    """Ray's folder of a trial: trial-<n>, like the trial's run dir under RUN_DIR/trials."""
+    return f"trial-{trial_number(trial.trial_id)}"
+
+
+def _number_of(path: str) -> int:
+    return int(Path(path).name.split("-", 1)[1])
