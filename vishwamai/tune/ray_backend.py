@@ -15,6 +15,7 @@ Trials run in Ray worker processes, `tuning.n_jobs` at a time.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +186,11 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
     grid = tu.sampler == "grid"
     run_config = getattr(tune, "RunConfig", None) or ray.train.RunConfig  # moved to ray.tune in 2.43
     if not ray.is_initialized():  # a caller's own ray.init (e.g. with num_cpus) is kept
+        # A new local instance needs no dashboard; joining a cluster (an address, or RAY_ADDRESS as
+        # `ray job submit` sets it) takes no start-up options.
+        local = not (tu.ray_address or os.environ.get("RAY_ADDRESS"))
         ray.init(address=tu.ray_address, ignore_reinit_error=True, log_to_driver=True,
-                 **({} if tu.ray_address else {"include_dashboard": False}))
+                 **({"include_dashboard": False} if local else {}))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
                              tracking_uri=tracking_uri(cfg, run_dir)),
