@@ -1,6 +1,7 @@
 """Hyperparameter tuning: search-space validation, a real Optuna study (sqlite storage)
-with pruning, a failing trial, resume and parallel workers in new processes, and the
-Ray backend's missing-install error."""
+with pruning, a failing trial, resume and parallel workers in new processes, the checks a
+study makes before its first trial, and the Ray backend's missing-install error (the Ray
+backend itself: test_tune_ray.py)."""
 
 from __future__ import annotations
 
@@ -254,18 +255,6 @@ def test_trial_runs_nest_under_the_study_mlflow_run(tmp_path, tiny_overrides):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert "best_value" in parent.data.metrics
-
-
-@pytest.mark.slow
-def test_ray_tune_study_with_asha(tmp_path, tiny_overrides):
-    pytest.importorskip("ray", reason="ray is not installed: pip install 'vishwamai[ray]'")
-    overrides = study_overrides(tiny_overrides) + [
-        "tuning.framework=ray", "tuning.pruner=successive_halving", "tuning.num_trials=3", "tuning.n_jobs=1",
-        "tuning.enqueue_trials=[]", "++tuning.search_space={model.n_heads: null}"]
-    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
-    assert summary["framework"] == "ray" and len(summary["trials"]) == 3
-    assert (tmp_path / "best_overrides.yaml").is_file()
-    assert summary["trials_complete"] >= 1
 
 
 @pytest.mark.slow
