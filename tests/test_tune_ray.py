@@ -30,7 +30,7 @@ RAY_CPUS = 2
 @pytest.fixture(scope="module")
 def ray_instance():
     """One local Ray instance for the module, bounded to RAY_CPUS (run_ray keeps a caller's instance)."""
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -65,26 +65,28 @@ def test_ray_study_asha_stops_a_bad_trial_and_records_a_failing_one(tmp_path, ti
     assert summary["framework"] == "ray" and [t["number"] for t in trials] == [0, 1, 2]
     assert [t["state"] for t in trials] == ["COMPLETE", "PRUNED", "FAIL"]
     assert "n_heads" in trials[2]["fail_reason"]
-    steps = [json.loads(r)["step"] for r in (run_dir / "trials/trial-1/metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(r)["step"] for r in (Path(trials[1]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] < 12  # stopped before the end
-    good = json.loads((run_dir / "trials/trial-0/summary.json").read_text())
+    good = json.loads((Path(trials[0]["run_dir"]) / "summary.json").read_text())
     assert summary["best_trial"] == 0 and summary["best_value"] == pytest.approx(good["final_val_loss"])
     assert (run_dir / "best_overrides.yaml").is_file() and summary_of(run_dir)["trials_failed"] == 1
 
 
 def test_population_based_training_exploits_with_the_new_learning_rate(tmp_path, tiny_overrides, ray_instance):
     run_dir = tmp_path / "study"
+    # Synchronous PBT, a population of 2 running together: at step 8 both have a score, so the slow
+    # trial is exploited whatever the timing of the trials' start-up (asynchronous PBT compares only
+    # the trials that have reported by then).
     summary = run(compose_config(ray_overrides(
-        tiny_overrides, "tuning.pruner=pbt", "tuning.num_trials=4", f"tuning.n_jobs={RAY_CPUS}",
-        "training.max_steps=20", "training.eval_every_n_steps=4", "tuning.pbt.perturbation_interval=8",
-        "tuning.pbt.quantile_fraction=0.5", "training.scheduler.warmup_steps=2",
-        "tuning.enqueue_trials=[{training.optimizer.lr: 3e-3}, {training.optimizer.lr: 1e-5}, "
-        "{training.optimizer.lr: 2e-3}, {training.optimizer.lr: 2e-5}]",
+        tiny_overrides, "tuning.pruner=pbt", "tuning.num_trials=2", f"tuning.n_jobs={RAY_CPUS}",
+        "training.max_steps=12", "training.eval_every_n_steps=4", "tuning.pbt.perturbation_interval=8",
+        "tuning.pbt.quantile_fraction=0.5", "tuning.pbt.synch=true", "training.scheduler.warmup_steps=2",
+        "tuning.enqueue_trials=[{training.optimizer.lr: 3e-3}, {training.optimizer.lr: 1e-5}]",
         "++tuning.search_space={model.dropout_rate: {type: float, low: 0.0, high: 0.1}, "
         "training.optimizer.weight_decay: null}"), run_dir=str(run_dir)))
     exploits = summary_of(run_dir)["exploits"]
     assert exploits, "a slow trial (lr 1e-5) should have continued from a fast one's checkpoint"
-    assert summary["trials_complete"] == 4
+    assert summary["trials_complete"] == 2 and [(e["trial"], e["from_trial"]) for e in exploits] == [(1, 0)]
     for e in exploits:
         assert set(e) == {"step", "trial", "from_trial", "params"} and e["step"] % 8 == 0
         assert e["trial"] != e["from_trial"] and set(e["params"]) == {"training.optimizer.lr", "model.dropout_rate"}
@@ -97,7 +99,7 @@ def test_population_based_training_exploits_with_the_new_learning_rate(tmp_path,
     for e in exploits:
         last[e["trial"]] = e  # the trial's latest exploit decides its lr from then on
     for number, e in last.items():
-        after = {s: lr for s, lr in lrs(run_dir / "trials" / f"trial-{number}").items() if s > e["step"]}
+        after = {s: lr for s, lr in lrs(Path(summary["trials"][number]["run_dir"])).items() if s > e["step"]}
         assert after and all(lr / e["params"]["training.optimizer.lr"] == pytest.approx(reference[s])
                              for s, lr in after.items())
 
@@ -123,15 +125,16 @@ def test_pbt_with_optuna_or_without_perturbable_keys_is_a_config_error(tmp_path,
 
 # ---------------------------------------------------------------------------- slow
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler, pruner", [("tpe", "median"), ("bohb", "none"), ("random", "none")])
-def test_ray_search_algorithms_and_schedulers(tmp_path, tiny_overrides, ray_instance, sampler, pruner):
+@pytest.mark.parametrize("sampler, pruner, trials", [("tpe", "median", 3), ("random", "none", 3),
+                                                     ("bohb", "none", 9)])  # BOHB's first bracket: 9 trials
+def test_ray_search_algorithms_and_schedulers(tmp_path, tiny_overrides, ray_instance, sampler, pruner, trials):
     summary = run(compose_config(ray_overrides(
-        tiny_overrides, f"tuning.sampler={sampler}", f"tuning.pruner={pruner}", "tuning.num_trials=3",
+        tiny_overrides, f"tuning.sampler={sampler}", f"tuning.pruner={pruner}", f"tuning.num_trials={trials}",
         f"tuning.n_jobs={RAY_CPUS}", "tuning.pruner_startup_trials=1"), run_dir=str(tmp_path)))
-    trials = summary["trials"]
-    assert len(trials) == 3 and summary["trials_complete"] >= 1 and summary["trials_failed"] == 0
-    assert all(1e-4 <= t["params"]["training.optimizer.lr"] <= 3e-3 for t in trials)
-    assert len({t["params"]["training.optimizer.lr"] for t in trials}) == 3
+    done = summary["trials"]
+    assert len(done) == trials and summary["trials_complete"] >= 1 and summary["trials_failed"] == 0
+    assert all(1e-4 <= t["params"]["training.optimizer.lr"] <= 3e-3 for t in done)
+    assert len({t["params"]["training.optimizer.lr"] for t in done}) == trials
 
 
 @pytest.mark.slow
@@ -159,21 +162,30 @@ def _study_cmd(run_dir: Path, tiny_overrides: list[str], *extra: str) -> list[st
 
 @pytest.mark.slow
 def test_study_on_a_head_started_with_ray_start(tmp_path, tiny_overrides):
-    """tuning.ray_address: the study joins a head started like a cluster's (`ray start --head`, loopback)."""
+    """tuning.ray_address: the study joins a head started like a cluster's (`ray start --head`, loopback).
+    The head runs in the foreground (--block) in its own process group, stopped by that group's id."""
     port = _free_port()
-    ray_bin = Path(sys.executable).parent / "ray"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    f"--num-cpus={RAY_CPUS}", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", f"--num-cpus={RAY_CPUS}",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        deadline = time.time() + 180
+        while True:  # the head's GCS accepts connections
+            assert time.time() < deadline and head.poll() is None
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
         out = subprocess.run(_study_cmd(tmp_path, tiny_overrides, "tuning.num_trials=2", "tuning.pruner=none",
                                         f"tuning.ray_address=127.0.0.1:{port}"),
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert summary_of(tmp_path)["trials_complete"] == 2
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=120)
 
 
 @pytest.mark.slow

@@ -351,6 +351,10 @@ class PbtConfig:
     quantile_fraction: float = 0.25
     # Chance that an exploited value is resampled from the space instead of scaled by 0.8 / 1.2.
     resample_probability: float = 0.25
+    # true: every trial waits at each perturbation point for the whole population (decisions compare
+    # all trials; paused trials restart from their checkpoint); false: each trial is compared with
+    # those that have reported so far (no waiting).
+    synch: bool = False
 
 
 @dataclass

@@ -48,7 +48,7 @@ def scheduler(cfg: DictConfig, params: list[Param], domain: Callable[[Param], An
     return PopulationBasedTraining(
         time_attr="step", perturbation_interval=pbt.perturbation_interval,
         hyperparam_mutations={p.key: domain(p) for p in perturbed(params)},
-        quantile_fraction=pbt.quantile_fraction, resample_probability=pbt.resample_probability)
+        quantile_fraction=pbt.quantile_fraction, resample_probability=pbt.resample_probability, synch=pbt.synch)
 
 
 def check_sampler(tu: DictConfig) -> None:
@@ -80,9 +80,9 @@ class PbtReporter(Callback):
     hands both to Ray (which copies the checkpoint before it returns).
     """
 
-    def __init__(self, metric: str, number: int, interval: int,
+    def __init__(self, metric: str, trial_id: str, interval: int,
                  send: Callable[[int, float, Optional[Path]], None]):
-        self.key, self.number, self.interval, self.send = METRICS[metric], number, interval, send
+        self.key, self.trial_id, self.interval, self.send = METRICS[metric], trial_id, interval, send
 
     def on_step_end(self, trainer) -> None:
         step = trainer.state.step
@@ -99,25 +99,29 @@ class PbtReporter(Callback):
         staging = Path(tempfile.mkdtemp(prefix="pbt-", dir=trainer.cfg.run_dir))
         try:
             link_tree(saved, staging / CHECKPOINT_DIR)
-            (staging / META_FILE).write_text(json.dumps({"trial": self.number, "step": step}))
+            (staging / META_FILE).write_text(json.dumps({"trial": self.trial_id, "step": step}))
             self.send(step, float(value), staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def restore_from(restored: Path, trial_cfg: DictConfig, number: int, values: dict[str, Any],
+def restore_from(restored: Path, trial_cfg: DictConfig, trial_id: str, values: dict[str, Any],
                  study_dir: Path) -> None:
-    """A trial (re)started by Ray with a checkpoint: resume from it; a donor's checkpoint is an exploit."""
+    """A trial (re)started by Ray with a checkpoint: resume from it; a donor's checkpoint is an exploit
+    (recorded with Ray's trial ids; the study's summary turns them into trial numbers)."""
     meta = json.loads((restored / META_FILE).read_text())
     trial_cfg.training.resume = str(restored / CHECKPOINT_DIR)
-    if meta["trial"] != number:
-        record = {"step": meta["step"], "trial": number, "from_trial": meta["trial"], "params": values}
+    if meta["trial"] != trial_id:
+        record = {"step": meta["step"], "trial": trial_id, "from_trial": meta["trial"], "params": values}
         with open(study_dir / EXPLOITS_FILE, "a") as fh:  # one short line per write: appends do not interleave
             fh.write(json.dumps(record, default=float) + "\n")
 
 
 def read_exploits(study_dir: Path) -> list[dict[str, Any]]:
+    """Each exploit once: Ray may start a trial from the same donor checkpoint more than once (a
+    paused trial resumed, synch=true), which writes the same record again."""
     path = study_dir / EXPLOITS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return list({(r["step"], r["trial"], r["from_trial"]): r for r in records}.values())

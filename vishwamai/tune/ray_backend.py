@@ -80,9 +80,10 @@ def _report_fn(ray, tune):
     return getattr(tune, "report", None) or ray.train.report
 
 
-def trial_number(trial_id: str) -> int:
-    """Ray's trial ids end in the trial's index in the experiment: 'a1b2c_00003' -> 3."""
-    return int(trial_id.rsplit("_", 1)[-1])
+def trial_dirname(trial) -> str:
+    """Ray's folder of a trial, named like the trial's run dir under RUN_DIR/trials: trial-<Ray's id>.
+    (Ids are unique; a counter kept here would not be: Ray calls copies of this function.)"""
+    return f"trial-{trial.trial_id}"
 
 
 def _trial_id(ray, tune) -> str:
@@ -100,8 +101,8 @@ def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri
     cfg = OmegaConf.merge(OmegaConf.structured(VishwamaiConfig), base)
     metric, is_pbt = cfg.tuning.metric, cfg.tuning.pruner == "pbt"
     report = _report_fn(ray, tune)
-    number = trial_number(_trial_id(ray, tune))
-    trial_cfg = trial_config(cfg, values, Path(run_dir) / "trials" / f"trial-{number}", tracking_uri)
+    trial_id = _trial_id(ray, tune)
+    trial_cfg = trial_config(cfg, values, Path(run_dir) / "trials" / f"trial-{trial_id}", tracking_uri)
     trial_cfg.training.resume = "auto"  # a restarted trial continues from what it saved, if anything
     if is_pbt:
         interval = cfg.tuning.pbt.perturbation_interval
@@ -111,7 +112,7 @@ def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri
             report({metric: value, "step": step},
                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
 
-        callbacks = [pbt.PbtReporter(metric, number, interval, send_checkpoint), pbt.ApplyHyperparameters()]
+        callbacks = [pbt.PbtReporter(metric, trial_id, interval, send_checkpoint), pbt.ApplyHyperparameters()]
     else:
         def send(step: int, value: float) -> bool:
             report({metric: value, "step": step})  # the scheduler stops the trial inside this call
@@ -121,7 +122,7 @@ def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri
     checkpoint = tune.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
         if restored:
-            pbt.restore_from(Path(restored), trial_cfg, number, values, Path(run_dir))
+            pbt.restore_from(Path(restored), trial_cfg, trial_id, values, Path(run_dir))
         try:
             summary = run_trial(trial_cfg, callbacks)
             objective_value(summary, metric)  # raises on a non-finite result
@@ -188,8 +189,9 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
     if not ray.is_initialized():  # a caller's own ray.init (e.g. with num_cpus) is kept
         # A new local instance needs no dashboard; joining a cluster (an address, or RAY_ADDRESS as
         # `ray job submit` sets it) takes no start-up options.
+        # "local": always a new instance, never one a stale /tmp/ray/ray_current_cluster points to.
         local = not (tu.ray_address or os.environ.get("RAY_ADDRESS"))
-        ray.init(address=tu.ray_address, ignore_reinit_error=True, log_to_driver=True,
+        ray.init(address="local" if local else tu.ray_address, ignore_reinit_error=True, log_to_driver=True,
                  **({"include_dashboard": False} if local else {}))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
@@ -201,13 +203,16 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable)
     else:
+        search = _search(tu)
         tuner = tune.Tuner(
             trainable,
             param_space={p.key: ray_domain(tune, p, grid) for p in params},
             tune_config=tune.TuneConfig(
                 metric=tu.metric, mode="min" if tu.direction == "minimize" else "max",
                 num_samples=1 if grid else tu.num_trials, scheduler=_scheduler(cfg, params, tune),
-                search_alg=_search(tu), max_concurrent_trials=tu.n_jobs, time_budget_s=tu.timeout_s,
+                search_alg=search, time_budget_s=tu.timeout_s,
+                # BasicVariantGenerator limits itself (_search); Tune wraps the other searchers.
+                max_concurrent_trials=None if type(search).__name__ == "BasicVariantGenerator" else tu.n_jobs,
                 trial_dirname_creator=trial_dirname),
             run_config=run_config(name=tu.study_name, storage_path=str(storage)),
         )
@@ -216,13 +221,15 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
 
 
 def _result(cfg: DictConfig, grid_result, storage: str, run_dir: Path) -> StudyResult:
+    """Trials numbered in the order Ray created them (the result grid's order)."""
     from vishwamai.tune.pbt import read_exploits
 
     tu = cfg.tuning
-    out = StudyResult("ray", tu.study_name, tu.metric, tu.direction, storage=storage,
-                      exploits=read_exploits(run_dir) if tu.pruner == "pbt" else None)
-    for r in sorted(grid_result, key=lambda r: _number_of(r.path)):
-        number = _number_of(r.path)
+    out = StudyResult("ray", tu.study_name, tu.metric, tu.direction, storage=storage)
+    numbers: dict[str, int] = {}
+    for number, r in enumerate(grid_result):
+        trial_id = Path(r.path).name.removeprefix("trial-")
+        numbers[trial_id] = number
         metrics = r.metrics or {}
         if r.error is not None:
             state, value = "FAIL", None
@@ -232,7 +239,10 @@ def _result(cfg: DictConfig, grid_result, storage: str, run_dir: Path) -> StudyR
             state = "COMPLETE" if metrics.get("step") == cfg.training.max_steps else "PRUNED"
         params = {k: v for k, v in (r.config or {}).items()}
         out.trials.append(TrialRecord(number, state, value, params, None if r.error is None else _reason(r.error),
-                                      str(run_dir / "trials" / f"trial-{number}")))
+                                      str(run_dir / "trials" / f"trial-{trial_id}")))
+    if tu.pruner == "pbt":
+        out.exploits = [{**e, "trial": numbers.get(e["trial"], e["trial"]),
+                         "from_trial": numbers.get(e["from_trial"], e["from_trial"])} for e in read_exploits(run_dir)]
     return out
 
 
@@ -242,12 +252,3 @@ def _reason(error: BaseException) -> str:
     ours = [line for line in text if line.startswith(f"{TrialFailed.__module__}.TrialFailed: ")
             or line.startswith("TrialFailed: ")]
     return (ours[-1].split(": ", 1)[1] if ours else f"{type(error).__name__}: {text[-1] if text else ''}")[:1000]
-
-
-def trial_dirname(trial) -> str:
-    """Ray's folder of a trial: trial-<n>, like the trial's run dir under RUN_DIR/trials."""
-    return f"trial-{trial_number(trial.trial_id)}"
-
-
-def _number_of(path: str) -> int:
-    return int(Path(path).name.split("-", 1)[1])
