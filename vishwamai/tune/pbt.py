@@ -74,7 +74,8 @@ class ApplyHyperparameters(Callback):
 
 
 class PbtReporter(Callback):
-    """Reports the metric with the step's checkpoint every perturbation_interval steps (and at the end).
+    """Reports the metric with the step's checkpoint every `interval` steps (and at the end): PBT's
+    perturbation interval, or the evaluation interval for schedulers that pause trials (HyperBand, BOHB).
 
     At on_step_end, after the checkpoint manager saved the step; `send(step, value, checkpoint_dir)`
     hands both to Ray (which copies the checkpoint before it returns).

@@ -99,13 +99,13 @@ def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri
 
     ray, tune = require_ray()
     cfg = OmegaConf.merge(OmegaConf.structured(VishwamaiConfig), base)
-    metric, is_pbt = cfg.tuning.metric, cfg.tuning.pruner == "pbt"
+    tu, metric = cfg.tuning, cfg.tuning.metric
     report = _report_fn(ray, tune)
     trial_id = _trial_id(ray, tune)
     trial_cfg = trial_config(cfg, values, Path(run_dir) / "trials" / f"trial-{trial_id}", tracking_uri)
     trial_cfg.training.resume = "auto"  # a restarted trial continues from what it saved, if anything
-    if is_pbt:
-        interval = cfg.tuning.pbt.perturbation_interval
+    if pauses_trials(tu):  # a paused trial resumes from the checkpoint it reported
+        interval = tu.pbt.perturbation_interval if tu.pruner == "pbt" else cfg.training.eval_every_n_steps
         trial_cfg.checkpointing.every_n_steps = interval
 
         def send_checkpoint(step: int, value: float, checkpoint: Path | None) -> None:
@@ -130,6 +130,12 @@ def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri
             raise TrialFailed(failure_reason(e)) from None  # exception (Ray copies it; ours need arguments)
 
 
+def pauses_trials(tu: DictConfig) -> bool:
+    """Schedulers that pause trials and resume them later (or, PBT, from another trial's state):
+    their trials report a checkpoint with the metric."""
+    return tu.pruner in ("pbt", "hyperband") or tu.sampler == "bohb"
+
+
 def _scheduler(cfg: DictConfig, params: list[Param], tune):
     from ray.tune import schedulers
 
@@ -142,15 +148,18 @@ def _scheduler(cfg: DictConfig, params: list[Param], tune):
         from vishwamai.tune import pbt
 
         return pbt.scheduler(cfg, params, lambda p: ray_domain(tune, p, grid=False))
+    # HyperBand's brackets count in reports (training_iteration: one per evaluation): its rung
+    # budgets then fall on evaluations instead of between them.
+    evaluations = -(-t.max_steps // (t.eval_every_n_steps or t.max_steps))
     if tu.sampler == "bohb":
-        return schedulers.HyperBandForBOHB(time_attr="step", max_t=max_t)
+        return schedulers.HyperBandForBOHB(time_attr="training_iteration", max_t=evaluations)
     if tu.pruner == "median":
         return schedulers.MedianStoppingRule(time_attr="step", grace_period=grace,
                                              min_samples_required=max(1, tu.pruner_startup_trials))
     if tu.pruner == "successive_halving":
         return schedulers.ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace)
     if tu.pruner == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr="step", max_t=max_t)
+        return schedulers.HyperBandScheduler(time_attr="training_iteration", max_t=evaluations)
     return schedulers.FIFOScheduler()
 
 
