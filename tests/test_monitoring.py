@@ -183,17 +183,6 @@ def test_wandb_enabled_but_not_installed_is_a_config_error(tmp_path, tiny_overri
     assert not (tmp_path / "metrics.jsonl").exists()  # failed before training
 
 
-@pytest.mark.slow
-def test_wandb_offline_logging(tmp_path, tiny_overrides, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is not installed (pip install 'vishwamai[wandb]')")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    overrides = overrides_on(tiny_overrides) + ["monitoring.wandb.enabled=true", "monitoring.mlflow.enabled=false",
-                                                "monitoring.tensorboard.enabled=false", "training.max_steps=3"]
-    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
-    assert "wandb_run" in summary
-    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-
-
 @pytest.mark.parametrize("overrides, key", [
     (["monitoring.tensorboard.enabled=false", "monitoring.histogram_every_n_steps=5"],
      "monitoring.histogram_every_n_steps"),

@@ -1,6 +1,7 @@
 """Hyperparameter tuning: search-space validation, a real Optuna study (sqlite storage)
-with pruning, a failing trial, resume and parallel workers in new processes, and the
-Ray backend's missing-install error."""
+with pruning, a failing trial, resume and parallel workers in new processes, the checks a
+study makes before its first trial, and the Ray backend's missing-install error (the Ray
+backend itself: test_tune_ray.py)."""
 
 from __future__ import annotations
 
@@ -257,18 +258,6 @@ def test_trial_runs_nest_under_the_study_mlflow_run(tmp_path, tiny_overrides):
 
 
 @pytest.mark.slow
-def test_ray_tune_study_with_asha(tmp_path, tiny_overrides):
-    pytest.importorskip("ray", reason="ray is not installed: pip install 'vishwamai[ray]'")
-    overrides = study_overrides(tiny_overrides) + [
-        "tuning.framework=ray", "tuning.pruner=successive_halving", "tuning.num_trials=3", "tuning.n_jobs=1",
-        "tuning.enqueue_trials=[]", "++tuning.search_space={model.n_heads: null}"]
-    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
-    assert summary["framework"] == "ray" and len(summary["trials"]) == 3
-    assert (tmp_path / "best_overrides.yaml").is_file()
-    assert summary["trials_complete"] >= 1
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("cmaes", "successive_halving"),
                                              ("grid", "none"), ("random", "median")])
 def test_every_sampler_and_pruner_runs_a_study(tmp_path, tiny_overrides, sampler, pruner):
@@ -285,3 +274,69 @@ def test_every_sampler_and_pruner_runs_a_study(tmp_path, tiny_overrides, sampler
         assert t.params["training.batch_size"] in (2, 4)
     if sampler == "grid":
         assert len({tuple(t.params.values()) for t in trials}) == 3  # no grid point twice
+
+
+# --------------------------------------------------------------- restart and preflight
+def _dead_process() -> tuple[str, float]:
+    """The WORKER_ID and start time of a process of this host that has exited."""
+    import socket
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = psutil.Process(proc.pid).create_time()
+    proc.kill()
+    proc.wait()
+    return f"{socket.gethostname()}-{proc.pid}", started
+
+
+def test_restarted_study_fails_and_retries_its_dead_trials_at_once(tmp_path, tiny_overrides):
+    """Re-run within the heartbeat grace period (the pod-restart case): the earlier incarnation's RUNNING
+    trial is failed and retried at once, so the study still finishes num_trials trials."""
+    from vishwamai.tune.trial import WORKER_ID, WORKER_STARTED
+
+    overrides = study_overrides(tiny_overrides) + [
+        "tuning.num_trials=2", "tuning.enqueue_trials=[]", "tuning.heartbeat_s=60", "tuning.pruner=none",
+        "training.max_steps=3", "++tuning.search_space={model.n_heads: null}"]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=60)
+    study = optuna.create_study(storage=storage, study_name="vishwamai")
+    worker, started = _dead_process()
+    dead = study.ask({"training.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)})
+    dead.set_user_attr("worker", worker)
+    dead.set_user_attr("worker_started", started)
+    alive = study.ask()  # a live worker's trial (this process) is left alone
+    alive.set_user_attr("worker", WORKER_ID)
+    alive.set_user_attr("worker_started", WORKER_STARTED)
+    storage.record_heartbeat(dead._trial_id)  # fresh: the heartbeat alone would wait 180 s
+
+    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
+    trials = stored_trials(tmp_path)
+    assert trials[0].state.name == "FAIL" and "died" in trials[0].user_attrs["fail_reason"]
+    assert trials[1].state.name == "RUNNING"
+    retry = trials[2]
+    assert retry.state.name == "COMPLETE" and retry.params == trials[0].params
+    assert summary["trials_complete"] == 1 and len(trials) == 3  # 2 counted: the live one and the retry
+
+
+def test_a_study_whose_wandb_cannot_be_used_fails_before_the_first_trial(tmp_path, tiny_overrides, monkeypatch):
+    """The design document's search line with W&B on but no key: one clear error, no trial started."""
+    pytest.importorskip("wandb")
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = compose_config(study_overrides(tiny_overrides) + ["monitoring.enabled=true", "monitoring.wandb.enabled=true",
+                                                            "tuning.num_trials=3"], run_dir=str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert err.value.key == "monitoring.wandb.enabled"
+    assert "WANDB_API_KEY" in str(err.value) and "WANDB_MODE=offline" in str(err.value)
+    assert not (tmp_path / "trials").exists() and not (tmp_path / "optuna.db").exists()
+
+
+def test_a_study_on_a_missing_corpus_fails_before_the_first_trial(tmp_path, tiny_overrides):
+    cfg = compose_config(study_overrides(tiny_overrides) + [f"data.path={tmp_path / 'nope.txt'}"],
+                         run_dir=str(tmp_path))
+    with pytest.raises(Exception) as err:
+        run(cfg)
+    assert "nope.txt" in str(err.value)
+    assert not (tmp_path / "trials").exists() and not (tmp_path / "optuna.db").exists()

@@ -180,9 +180,13 @@ class TensorboardConfig:
 @dataclass
 class MlflowConfig:
     enabled: bool = True
-    # null = sqlite:///RUN_DIR/mlflow.db
+    # null = $MLFLOW_TRACKING_URI when set (a tracking server on a cluster; MLflow reads its
+    # credentials from MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN), else sqlite:///RUN_DIR/mlflow.db
     tracking_uri: Optional[str] = None
     experiment: str = "vishwamai"
+    # At the end of the run, wait at most this long for the MLflow child to send what is left;
+    # after that it is stopped and the run dir says how to upload the rest (nothing is lost).
+    close_timeout_s: float = 60.0
 
 
 @dataclass
@@ -345,6 +349,23 @@ class DistillationConfig:
 
 # --------------------------------------------------------------------------- tuning
 @dataclass
+class PbtConfig:
+    """Population-based training (tuning.pruner=pbt, Ray only): every perturbation_interval steps a
+    trial in the bottom quantile continues from a top trial's checkpoint with perturbed values of the
+    searched keys PBT may change (lr, weight decay, dropout; see vishwamai/tune/pbt.py)."""
+
+    # Steps between checkpoints / exploit decisions; a multiple of training.eval_every_n_steps.
+    perturbation_interval: int = 100
+    quantile_fraction: float = 0.25
+    # Chance that an exploited value is resampled from the space instead of scaled by 0.8 / 1.2.
+    resample_probability: float = 0.25
+    # true: every trial waits at each perturbation point for the whole population (decisions compare
+    # all trials; paused trials restart from their checkpoint); false: each trial is compared with
+    # those that have reported so far (no waiting).
+    synch: bool = False
+
+
+@dataclass
 class TuningConfig:
     enabled: bool = False
     framework: str = "optuna"  # optuna | ray
@@ -352,7 +373,7 @@ class TuningConfig:
     metric: str = "validation_loss"
     direction: str = "minimize"
     sampler: str = "tpe"  # tpe | random | cmaes | grid (| bohb with framework=ray)
-    pruner: str = "median"  # median | hyperband | successive_halving | none
+    pruner: str = "median"  # median | hyperband | successive_halving | none (| pbt with framework=ray)
     # Trials that always run to the end before the pruner may stop one, and the
     # steps of every trial before it may be pruned.
     pruner_startup_trials: int = 5
@@ -381,6 +402,7 @@ class TuningConfig:
     ray_address: Optional[str] = None
     ray_cpus_per_trial: float = 1.0
     ray_gpus_per_trial: float = 0.0
+    pbt: PbtConfig = field(default_factory=PbtConfig)
 
 
 # -------------------------------------------------------------------------- root
@@ -563,7 +585,16 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _one_of(tu.metric, "tuning.metric", ("validation_loss", "validation_perplexity"))
     _one_of(tu.sampler, "tuning.sampler", ("tpe", "random", "cmaes", "grid", "bohb"))
     _check(tu.sampler != "bohb" or tu.framework == "ray", "tuning.sampler", "bohb needs tuning.framework=ray")
-    _one_of(tu.pruner, "tuning.pruner", ("median", "hyperband", "successive_halving", "none"))
+    _one_of(tu.pruner, "tuning.pruner", ("median", "hyperband", "successive_halving", "none", "pbt"))
+    if tu.pruner == "pbt":
+        _check(tu.framework == "ray", "tuning.pruner",
+               "pbt (population-based training) needs tuning.framework=ray; Optuna has no population to exploit")
+        pi, every = tu.pbt.perturbation_interval, t.eval_every_n_steps
+        _check(pi > 0, "tuning.pbt.perturbation_interval", f"must be > 0, got {pi}")
+        _check(every > 0 and pi % every == 0, "tuning.pbt.perturbation_interval",
+               f"{pi} must be a multiple of training.eval_every_n_steps={every} (trials are compared at evaluations)")
+        _check(0 < tu.pbt.quantile_fraction <= 0.5, "tuning.pbt.quantile_fraction", "must be in (0, 0.5]")
+        _check(0 <= tu.pbt.resample_probability <= 1, "tuning.pbt.resample_probability", "must be in [0, 1]")
     _check(tu.pruner_startup_trials >= 0, "tuning.pruner_startup_trials", "must be >= 0")
     _check(tu.pruner_warmup_steps >= 0, "tuning.pruner_warmup_steps", "must be >= 0")
     _check(tu.n_jobs >= 1, "tuning.n_jobs", f"must be >= 1, got {tu.n_jobs}")
@@ -611,6 +642,7 @@ def _validate_distillation(ds: DistillationConfig) -> None:
 
 def _validate_monitoring(cfg: DictConfig | VishwamaiConfig) -> None:
     mo = cfg.monitoring
+    _check(mo.mlflow.close_timeout_s > 0, "monitoring.mlflow.close_timeout_s", "must be > 0")
     _check(mo.histogram_every_n_steps >= 0, "monitoring.histogram_every_n_steps", "must be >= 0 (0 = never)")
     if mo.histogram_every_n_steps:
         _check(mo.enabled and mo.tensorboard.enabled, "monitoring.histogram_every_n_steps",

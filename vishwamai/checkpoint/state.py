@@ -194,10 +194,15 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
     return state
 
 
+# Model settings a checkpoint may be resumed under a different value of: they shape no weight
+# (population-based training changes dropout between a checkpoint and its resumed trial).
+NOT_ARCHITECTURE = frozenset({"parallel_factor", "dropout_rate", "init_std"})
+
+
 def check_architecture(directory: Path, trainer) -> None:
     saved = dataclasses.asdict(read_model_config(directory))
     current = dataclasses.asdict(as_model_config(trainer.cfg.model))
-    diff = {k: (saved[k], current.get(k)) for k in saved if k != "parallel_factor" and saved[k] != current.get(k)}
+    diff = {k: (saved[k], current.get(k)) for k in saved if k not in NOT_ARCHITECTURE and saved[k] != current.get(k)}
     if diff:
         details = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"cannot resume from {directory}: the model differs ({details})")

@@ -6,25 +6,41 @@ Backends are imported only inside their sinks, on rank 0, when enabled.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from vishwamai.config import VishwamaiConfig
+from vishwamai.errors import ConfigError
 from vishwamai.monitoring.logger import (BackgroundSink, JsonlSink, MetricsLogger, MetricSink, ProcessSink,
                                         SinkBase)
 from vishwamai.monitoring.progress import ProgressBar
 
 __all__ = ["BackgroundSink", "JsonlSink", "MetricSink", "MetricsLogger", "ProcessSink", "ProgressBar", "SinkBase",
-           "build_monitoring", "build_sinks", "finish_monitoring"]
+           "build_monitoring", "build_sinks", "check_backends", "finish_monitoring"]
+
+
+def check_backends(cfg: VishwamaiConfig) -> None:
+    """Every enabled backend can be used (package installed; W&B: key and server, or offline).
+    Called before anything is written: by each run, and once by a study before its first trial."""
+    mon = cfg.monitoring
+    if not mon.enabled:
+        return
+    if mon.wandb.enabled:
+        from vishwamai.monitoring.wandb_sink import check_wandb
+
+        check_wandb()
+    for enabled, module, key, extra in ((mon.mlflow.enabled, "mlflow", "monitoring.mlflow.enabled", "monitoring"),
+                                        (mon.tensorboard.enabled, "tensorboard", "monitoring.tensorboard.enabled",
+                                         "monitoring")):
+        if enabled and importlib.util.find_spec(module) is None:
+            raise ConfigError(key, f"{module} is not installed: pip install 'vishwamai[{extra}]' or set {key}=false")
 
 
 def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
     mon = cfg.monitoring
     wandb = mon.enabled and mon.wandb.enabled
-    if wandb:  # first: a missing package fails before anything is written
-        from vishwamai.monitoring.wandb_sink import require_wandb
-
-        require_wandb()
+    check_backends(cfg)  # first: a missing package or W&B key fails before anything is written
     sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
     if not mon.enabled:
         return sinks
@@ -39,7 +55,7 @@ def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
     if mon.mlflow.enabled:
         from vishwamai.monitoring.mlflow_sink import MlflowSink
 
-        sinks.append(ProcessSink(MlflowSink(cfg, run_dir)))
+        sinks.append(ProcessSink(MlflowSink(cfg, run_dir), close_timeout_s=mon.mlflow.close_timeout_s))
     return sinks
 
 
@@ -81,4 +97,8 @@ def finish_monitoring(cfg: VishwamaiConfig, run_dir: Path, summary: dict[str, An
         from vishwamai.monitoring.mlflow_sink import log_run_outputs
 
         log_run_outputs(summary["mlflow_tracking_uri"], summary["mlflow_run_id"], {**summary, **added}, files)
+    if cfg.monitoring.wandb.enabled:
+        from vishwamai.monitoring.wandb_sink import finish_run
+
+        finish_run({**summary, **added}, [f for f in files if f.suffix == ".png"])
     return added

@@ -7,7 +7,8 @@ started in on_train_start on rank 0 only, so other ranks never import a backend.
 
 Slow backends run off the training thread, which only puts records on a queue: TensorBoard
 in a `BackgroundSink` (a thread), MLflow (seconds of imports and database set-up, tens of ms
-per commit, all holding the GIL) in a `ProcessSink` (a low-priority child process).
+per commit, all holding the GIL) in a `ProcessSink` (a low-priority child process, raised to
+normal priority when training ends and waited for at most its close timeout).
 """
 
 from __future__ import annotations
@@ -132,10 +133,13 @@ class BackgroundSink(SinkBase):
             return
         self._queue.put(("close", (summary, failed)))
         self._queue.put(None)
-        self._thread.join()
+        self._join()
         self._thread = None
         if not failed:  # while failing, the original error matters more
             self._raise_error()
+
+    def _join(self) -> None:
+        self._thread.join()
 
     def summary(self) -> dict[str, Any]:
         return self.inner.summary()
@@ -153,8 +157,26 @@ class ProcessSink(BackgroundSink):
     worker thread does the pipe writes, so a slow child never blocks the training thread.
     """
 
-    def __init__(self, inner: MetricSink):
+    def __init__(self, inner: MetricSink, close_timeout_s: Optional[float] = None):
         super().__init__(_RemoteSink(inner), name=type(inner).__name__)
+        self.close_timeout_s = close_timeout_s
+
+    def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None:
+        if self._thread is not None:
+            self.inner.hurry()  # training is over: the child no longer waits for idle time
+        super().close(summary, failed)
+
+    def _join(self) -> None:
+        """Wait at most close_timeout_s; then stop the child and leave what it had not sent behind
+        (the inner sink's `left_behind()`: e.g. how to upload the run later)."""
+        self._thread.join(self.close_timeout_s)
+        if not self._thread.is_alive():
+            return
+        self.inner.abandon()  # a writer blocked on the pipe gets BrokenPipe and ends
+        self._thread.join()
+        self._error = None  # the stop we caused is not the backend's failure
+        left = getattr(self.inner.inner, "left_behind", None)
+        self.inner.reply = left(self.close_timeout_s) if left else {}
 
 
 # How far below the training process a ProcessSink's child runs (Unix nice levels).
@@ -171,6 +193,19 @@ def run_in_idle_time(pid: int) -> None:
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
 
 
+def run_at_normal_priority(pid: int) -> bool:
+    """Undo run_in_idle_time: back to the normal class at this process's nice level.  Raising a
+    priority needs CAP_SYS_NICE (or a high enough RLIMIT_NICE): returns False where refused."""
+    try:
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+        if hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0))
+    except (PermissionError, ProcessLookupError):
+        return False
+    return True
+
+
 class _RemoteSink(SinkBase):
     """The parent's end of a ProcessSink: each call is one pickled message to the child."""
 
@@ -179,6 +214,7 @@ class _RemoteSink(SinkBase):
         self.takes_histograms = inner.takes_histograms
         self.reply: dict[str, Any] = {}  # the child's summary, after close
         self._child = self._to_child = self._from_child = None
+        self._hurry = False
 
     def start(self, trainer) -> None:
         to_child_r, to_child_w = os.pipe()
@@ -188,6 +224,8 @@ class _RemoteSink(SinkBase):
             pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL)
         run_in_idle_time(child.pid)  # as soon as it exists
         self._child = child
+        if self._hurry:  # training ended while the child was starting
+            run_at_normal_priority(child.pid)
         os.close(to_child_r)
         os.close(from_child_w)
         self._to_child, self._from_child = os.fdopen(to_child_w, "wb"), os.fdopen(from_child_r, "rb")
@@ -219,6 +257,16 @@ class _RemoteSink(SinkBase):
 
     def log_histograms(self, step: int, arrays: dict[str, np.ndarray]) -> None:
         self._send("log_histograms", step, arrays)
+
+    def hurry(self) -> None:
+        """Called from the training thread when training ends (the child may not exist yet)."""
+        self._hurry = True
+        if self._child is not None:
+            run_at_normal_priority(self._child.pid)
+
+    def abandon(self) -> None:
+        if self._child is not None:
+            self._child.kill()
 
     def close(self, summary: Optional[dict[str, Any]] = None, failed: bool = False) -> None:
         try:

@@ -1,16 +1,21 @@
 """MLflow: params = the flattened resolved config, metrics per logged step, the config and
 (at the end) the summary and report as artifacts, checkpoint paths as tags.
 
-Default store: sqlite:///RUN_DIR/mlflow.db (a real database; MLflow 3's file store is in
-maintenance mode).  Importing MLflow and creating that store take seconds of CPU, so the
+Store: monitoring.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///RUN_DIR/mlflow.db
+(a real database; MLflow 3's file store is in maintenance mode).  Importing MLflow and creating that store take seconds of CPU, so the
 sink runs in a ProcessSink (a low-priority child process): training starts while MLflow
 sets up.  When an MLflow run is already active in the training process (a tuning study),
 the run is nested under it (its id is read here, before the sink moves to the child).
+When training ends the child is raised to normal priority and waited for at most
+monitoring.mlflow.close_timeout_s; past that it is stopped and RUN_DIR/mlflow_pending.json plus a
+warning say how to upload the run (`python -m vishwamai.monitoring.mlflow_upload RUN_DIR`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import os
 import sqlite3
@@ -22,6 +27,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from vishwamai.monitoring.logger import SinkBase, logged_at, scalars
+
+log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000  # MLflow >= 2.12
@@ -38,8 +45,20 @@ CHECKPOINT_KEYS = ("final_checkpoint", "best_checkpoint", "latest_checkpoint")
 STORE_TEMPLATES = Path.home() / ".cache" / "vishwamai" / "mlflow"
 
 
+# A tracking server set by the environment (a cluster's Secret); MLflow itself reads the credentials
+# (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, AWS_* for S3 artifacts), the child inherits them.
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# Left in the run dir when the run ended before MLflow had everything (see left_behind / upload).
+PENDING_FILE = "mlflow_pending.json"
+
+
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(mon: DictConfig, run_dir: Path) -> str:
+    """monitoring.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else the run dir's own sqlite store."""
+    return mon.tracking_uri or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri(run_dir)
 
 
 def sqlite_file(uri: str) -> Optional[Path]:
@@ -109,7 +128,7 @@ class MlflowSink(SinkBase):
     def __init__(self, cfg: DictConfig, run_dir: Path):
         mon = cfg.monitoring.mlflow
         self.run_dir = Path(run_dir)
-        self.uri = mon.tracking_uri or default_tracking_uri(self.run_dir)
+        self.uri = resolve_tracking_uri(mon, self.run_dir)
         self.experiment = mon.experiment
         self.params = flatten(OmegaConf.to_container(cfg, resolve=True))
         parent = active_parent_run()  # read here: MLflow's active run is per thread
@@ -175,6 +194,56 @@ class MlflowSink(SinkBase):
             return {}
         return {"mlflow_run": f"run {self.run_id} in {self.uri} (UI: mlflow ui --backend-store-uri {self.uri})",
                 "mlflow_run_id": self.run_id, "mlflow_tracking_uri": self.uri}
+
+
+    # In the training process, when the child did not finish within monitoring.mlflow.close_timeout_s.
+    def left_behind(self, waited_s: float) -> dict[str, Any]:
+        pending = self.run_dir / PENDING_FILE
+        parent = {"parent_run_id": self.parent[0], "parent_experiment_id": self.parent[1]} if self.parent else {}
+        pending.write_text(json.dumps({"tracking_uri": self.uri, "experiment": self.experiment, **parent}))
+        command = f"python -m vishwamai.monitoring.mlflow_upload {self.run_dir}"
+        message = (f"MLflow did not finish within monitoring.mlflow.close_timeout_s={waited_s:g}s (a slow or "
+                   f"unreachable tracking server {self.uri}, or a busy machine); nothing is lost: the run's "
+                   f"records are in {self.run_dir / 'metrics.jsonl'}. Upload them with: {command}")
+        log.warning(message)
+        return {"mlflow_pending": message}
+
+
+def upload(run_dir: Path, tracking_uri: Optional[str] = None) -> str:
+    """Send a finished run directory to MLflow (after left_behind): config as params, every record of
+    metrics.jsonl, the summary and report.  A partial run the stopped child had created is deleted
+    first.  Returns the new run id."""
+    from types import SimpleNamespace
+
+    run_dir = Path(run_dir).resolve()
+    pending = json.loads((run_dir / PENDING_FILE).read_text()) if (run_dir / PENDING_FILE).is_file() else {}
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg.monitoring.mlflow.tracking_uri = tracking_uri or pending.get("tracking_uri") or cfg.monitoring.mlflow.tracking_uri
+    sink = MlflowSink(cfg, run_dir)
+    if pending.get("parent_run_id"):
+        sink.parent = (pending["parent_run_id"], pending["parent_experiment_id"])
+    sink.start(SimpleNamespace(parallel=SimpleNamespace(world_size=1)))
+    _delete_partial_runs(sink.client, sink.run_id, str(run_dir))
+    with open(run_dir / "metrics.jsonl") as fh:
+        for line in fh:
+            record = json.loads(line)
+            sink.log(record.pop("step"), record)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    sink.close(summary)
+    files = [run_dir / name for name in ("report.png", "report.md") if (run_dir / name).is_file()]
+    log_run_outputs(sink.uri, sink.run_id, summary, files)
+    (run_dir / PENDING_FILE).unlink(missing_ok=True)
+    return sink.run_id
+
+
+def _delete_partial_runs(client, keep: str, run_dir: str) -> None:
+    from mlflow.entities import ViewType
+
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    for r in client.search_runs(experiments, f"tags.`vishwamai.run_dir` = '{run_dir}' and attributes.status = 'RUNNING'"):
+        if r.info.run_id != keep:
+            client.delete_run(r.info.run_id)
 
 
 def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], files: list[Path]) -> None:

@@ -30,8 +30,11 @@ def build_tuning_callbacks(cfg: DictConfig) -> list:
 
 
 def preflight(cfg: DictConfig) -> list[Param]:
-    """Everything checkable before the first trial: the space, and the config it is applied to."""
+    """Everything a trial would refuse, checked once before the first trial (which would otherwise fail
+    one by one): the space, the config it is applied to, the backends (Ray, W&B, MLflow), the data."""
     from vishwamai.config import validate
+    from vishwamai.data import load_token_data
+    from vishwamai.monitoring import check_backends
     from vishwamai.training_v2 import reject_unimplemented
     from vishwamai.tune.trial import trial_config
 
@@ -40,7 +43,15 @@ def preflight(cfg: DictConfig) -> list[Param]:
         raise ConfigError("tuning.enabled", "run a study from one process (not under torchrun); "
                                             "parallelise with tuning.n_jobs or workers sharing tuning.storage")
     params = parse_space(cfg)
-    reject_unimplemented(trial_config(cfg, {}, Path(cfg.run_dir)))
+    if cfg.tuning.framework == "ray":
+        from vishwamai.tune.ray_backend import check_ray_study
+
+        check_ray_study(cfg, params)
+    base = trial_config(cfg, {}, Path(cfg.run_dir))
+    reject_unimplemented(base)
+    check_backends(base)
+    if not any(p.key.startswith("data.") for p in params):
+        load_token_data(base.data)  # a missing corpus or tokenizer; the token cache then serves every trial
     return params
 
 

@@ -6,7 +6,10 @@
 * Parallel: every process pointed at the same storage and study name (other pods,
   or the n_jobs-1 worker processes started here) takes trials from the shared study.
 * Crashes: a running trial sends heartbeats; one whose process died is marked
-  failed by the next worker and retried once with the same parameters.
+  failed by the next worker and retried once with the same parameters.  A study
+  restarted on the same host (a pod restart, a rerun after kill -9) does not wait
+  for the heartbeat's grace period: a RUNNING trial whose process is gone (pid and
+  start time) is failed and retried at once.
 * Pruning: the trial's metric is reported at every evaluation; a pruned trial stops
   cleanly (checkpoint and logs written) and is recorded as PRUNED.
 * Failures: a trial that raises (bad value, out-of-memory, NaN loss) is recorded as
@@ -29,8 +32,8 @@ from vishwamai.errors import ConfigError, NotImplementedYet
 from vishwamai.tune.results import StudyResult, TrialRecord
 from vishwamai.tune.space import Param, apply_overrides
 from vishwamai.tune.tracking import StudyRun
-from vishwamai.tune.trial import (WORKER_ID, Reporter, failure_reason, objective_value, run_trial,
-                                  trial_config)
+from vishwamai.tune.trial import (WORKER_ID, WORKER_STARTED, Reporter, failure_reason, objective_value,
+                                  run_trial, trial_config, worker_is_gone)
 
 # A writer waits this long for sqlite's lock instead of failing at once (parallel workers).
 SQLITE_TIMEOUT_S = 120
@@ -126,6 +129,31 @@ def counted_trials(study) -> int:
     return sum(t.state in live and t.number not in retried for t in trials)
 
 
+def fail_orphaned_trials(study) -> list[int]:
+    """Fail, and queue again (as the heartbeat would), the RUNNING trials whose process on this host
+    is gone: the earlier incarnation of a restarted study.  Returns their numbers."""
+    import copy
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    storage, retry = study._storage, _retry_callback()[0](max_retry=1)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not worker_is_gone(t.user_attrs.get("worker", ""), t.user_attrs.get("worker_started")):
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"its process ({t.user_attrs['worker']}) "
+                                                                    "died; the restarted study retries it")
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                failed.append(t)
+        except UpdateFinishedTrialError:  # another worker failed it first
+            continue
+    for t in failed:
+        retry(study, copy.deepcopy(storage.get_trial(t._trial_id)))
+    return [t.number for t in failed]
+
+
 def _space_signature(params: list[Param]) -> dict:
     return {p.key: [p.type, p.low, p.high, p.step, list(p.choices)] for p in params}
 
@@ -181,6 +209,7 @@ class OptunaStudy:
         values = {p.key: suggest(trial, p) for p in self.params}
         trial_dir = self.run_dir / "trials" / f"trial-{trial.number}"
         trial.set_user_attr("worker", WORKER_ID)
+        trial.set_user_attr("worker_started", WORKER_STARTED)
         trial.set_user_attr("run_dir", str(trial_dir))
 
         def report(step: int, value: float) -> bool:
@@ -229,8 +258,9 @@ class OptunaStudy:
     def optimize(self) -> None:
         import optuna
 
+        # Before counting: a trial whose process died is failed (and re-queued) now.
+        fail_orphaned_trials(self.study)
         if self.tu.heartbeat_s:
-            # Before counting: a trial whose process died is failed (and re-queued) now.
             optuna.storages.fail_stale_trials(self.study)
         remaining = self.tu.num_trials - counted_trials(self.study)
         if remaining <= 0:

@@ -3,7 +3,7 @@
 Same search space, metric and trial runs as the Optuna backend; the schedulers
 play the pruner's part:
   tuning.pruner  median -> MedianStoppingRule, successive_halving -> ASHA,
-                 hyperband -> HyperBand, none -> FIFO
+                 hyperband -> HyperBand, none -> FIFO, pbt -> PopulationBasedTraining (pbt.py)
   tuning.sampler random -> Ray's random search, tpe / cmaes -> OptunaSearch with that
                  sampler, grid -> grid_search over the grid, bohb -> TuneBOHB with
                  HyperBandForBOHB (needs `hpbandster` and `ConfigSpace`)
@@ -14,6 +14,8 @@ Trials run in Ray worker processes, `tuning.n_jobs` at a time.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vishwamai.errors import ConfigError
 from vishwamai.tune.results import StudyResult, TrialRecord
 from vishwamai.tune.space import Param
-from vishwamai.tune.trial import Reporter, objective_value, run_trial, trial_config
+from vishwamai.tune.trial import Reporter, TrialFailed, failure_reason, objective_value, run_trial, trial_config
 
 INSTALL_HINT = "pip install 'vishwamai[ray]'"
 
@@ -36,6 +38,29 @@ def require_ray():
         raise ConfigError("tuning.framework", f"'ray' needs Ray Tune, which is not installed ({e.name} is "
                                               f"missing): {INSTALL_HINT}, or use tuning.framework=optuna") from None
     return ray, tune
+
+
+def require_bohb() -> None:
+    """TuneBOHB's own packages, checked before the study (Ray's error would come from a worker)."""
+    import importlib.util
+
+    missing = [m for m in ("hpbandster", "ConfigSpace") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError("tuning.sampler", f"bohb needs the packages {missing} (pip install hpbandster "
+                                            f"ConfigSpace, or {INSTALL_HINT}), or use another tuning.sampler")
+
+
+def check_ray_study(cfg: DictConfig, params: list[Param]) -> None:
+    """What a Ray study would refuse, checked before the first trial (preflight)."""
+    require_ray()
+    tu = cfg.tuning
+    if tu.sampler == "bohb":
+        require_bohb()
+    if tu.pruner == "pbt":
+        from vishwamai.tune import pbt
+
+        pbt.check_sampler(tu)
+        pbt.perturbed(params)
 
 
 def ray_domain(tune, p: Param, grid: bool):
@@ -55,43 +80,86 @@ def _report_fn(ray, tune):
     return getattr(tune, "report", None) or ray.train.report
 
 
+def trial_dirname(trial) -> str:
+    """Ray's folder of a trial, named like the trial's run dir under RUN_DIR/trials: trial-<Ray's id>.
+    (Ids are unique; a counter kept here would not be: Ray calls copies of this function.)"""
+    return f"trial-{trial.trial_id}"
+
+
 def _trial_id(ray, tune) -> str:
     get_context = getattr(tune, "get_context", None) or ray.train.get_context
     return get_context().get_trial_id()
 
 
 def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri: str | None) -> None:
-    """One Ray trial (runs in a Ray worker process)."""
+    """One Ray trial (runs in a Ray worker process).  Started again by Ray with a checkpoint (PBT's
+    exploit, or a restored study) it resumes from that checkpoint; otherwise from its own run dir's."""
     from vishwamai.config import VishwamaiConfig
+    from vishwamai.tune import pbt
 
     ray, tune = require_ray()
     cfg = OmegaConf.merge(OmegaConf.structured(VishwamaiConfig), base)
-    metric = cfg.tuning.metric
+    tu, metric = cfg.tuning, cfg.tuning.metric
     report = _report_fn(ray, tune)
+    trial_id = _trial_id(ray, tune)
+    trial_cfg = trial_config(cfg, values, Path(run_dir) / "trials" / f"trial-{trial_id}", tracking_uri)
+    trial_cfg.training.resume = "auto"  # a restarted trial continues from what it saved, if anything
+    if pauses_trials(tu):  # a paused trial resumes from the checkpoint it reported
+        interval = tu.pbt.perturbation_interval if tu.pruner == "pbt" else cfg.training.eval_every_n_steps
+        trial_cfg.checkpointing.every_n_steps = interval
 
-    def send(step: int, value: float) -> bool:
-        report({metric: value, "step": step})  # the scheduler stops the trial inside this call
-        return False
+        def send_checkpoint(step: int, value: float, checkpoint: Path | None) -> None:
+            report({metric: value, "step": step},
+                   checkpoint=tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None)
 
-    trial_dir = Path(run_dir) / "trials" / f"trial-{_trial_id(ray, tune)}"
-    summary = run_trial(trial_config(cfg, values, trial_dir, tracking_uri), [Reporter(metric, send)])
-    objective_value(summary, metric)  # raises on a non-finite result: Ray records the trial as errored
+        callbacks = [pbt.PbtReporter(metric, trial_id, interval, send_checkpoint), pbt.ApplyHyperparameters()]
+    else:
+        def send(step: int, value: float) -> bool:
+            report({metric: value, "step": step})  # the scheduler stops the trial inside this call
+            return False
+
+        callbacks = [Reporter(metric, send)]
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as restored:
+        if restored:
+            pbt.restore_from(Path(restored), trial_cfg, trial_id, values, Path(run_dir))
+        try:
+            summary = run_trial(trial_cfg, callbacks)
+            objective_value(summary, metric)  # raises on a non-finite result
+        except Exception as e:  # noqa: BLE001 - Ray records the trial as errored; its reason as a plain
+            raise TrialFailed(failure_reason(e)) from None  # exception (Ray copies it; ours need arguments)
 
 
-def _scheduler(cfg: DictConfig):
+def pauses_trials(tu: DictConfig) -> bool:
+    """Schedulers that pause trials and resume them later (or, PBT, from another trial's state):
+    their trials report a checkpoint with the metric."""
+    return tu.pruner in ("pbt", "hyperband") or tu.sampler == "bohb"
+
+
+def _scheduler(cfg: DictConfig, params: list[Param], tune):
     from ray.tune import schedulers
 
     tu, t = cfg.tuning, cfg.training
     grace = max(1, tu.pruner_warmup_steps or t.eval_every_n_steps or t.max_steps)
+    # Ray stops (kills) a trial whose time reaches max_t: one step past the end lets a trial that
+    # gets there write its final checkpoint and summary.
+    max_t = t.max_steps + 1
+    if tu.pruner == "pbt":
+        from vishwamai.tune import pbt
+
+        return pbt.scheduler(cfg, params, lambda p: ray_domain(tune, p, grid=False))
+    # HyperBand's brackets count in reports (training_iteration: one per evaluation): its rung
+    # budgets then fall on evaluations instead of between them.
+    evaluations = -(-t.max_steps // (t.eval_every_n_steps or t.max_steps))
     if tu.sampler == "bohb":
-        return schedulers.HyperBandForBOHB(time_attr="step", max_t=t.max_steps)
+        return schedulers.HyperBandForBOHB(time_attr="training_iteration", max_t=evaluations)
     if tu.pruner == "median":
         return schedulers.MedianStoppingRule(time_attr="step", grace_period=grace,
                                              min_samples_required=max(1, tu.pruner_startup_trials))
     if tu.pruner == "successive_halving":
-        return schedulers.ASHAScheduler(time_attr="step", max_t=t.max_steps, grace_period=grace)
+        return schedulers.ASHAScheduler(time_attr="step", max_t=max_t, grace_period=grace)
     if tu.pruner == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr="step", max_t=t.max_steps)
+        return schedulers.HyperBandScheduler(time_attr="training_iteration", max_t=evaluations)
     return schedulers.FIFOScheduler()
 
 
@@ -105,8 +173,10 @@ def _search(tu: DictConfig):
     if tu.sampler == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.sampler_seed)
+        # Tune applies max_concurrent_trials only to searchers it wraps: this one takes it itself.
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=tu.sampler_seed, max_concurrent=tu.n_jobs)
     if tu.sampler == "bohb":
+        require_bohb()
         from ray.tune.search.bohb import TuneBOHB
 
         return TuneBOHB(points_to_evaluate=points, seed=tu.sampler_seed)
@@ -125,8 +195,13 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
     tu = cfg.tuning
     grid = tu.sampler == "grid"
     run_config = getattr(tune, "RunConfig", None) or ray.train.RunConfig  # moved to ray.tune in 2.43
-    if not ray.is_initialized():
-        ray.init(address=tu.ray_address, ignore_reinit_error=True, log_to_driver=True)
+    if not ray.is_initialized():  # a caller's own ray.init (e.g. with num_cpus) is kept
+        # A new local instance needs no dashboard; joining a cluster (an address, or RAY_ADDRESS as
+        # `ray job submit` sets it) takes no start-up options.
+        # "local": always a new instance, never one a stale /tmp/ray/ray_current_cluster points to.
+        local = not (tu.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray.init(address="local" if local else tu.ray_address, ignore_reinit_error=True, log_to_driver=True,
+                 **({"include_dashboard": False} if local else {}))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
                              tracking_uri=tracking_uri(cfg, run_dir)),
@@ -137,23 +212,33 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable)
     else:
+        search = _search(tu)
         tuner = tune.Tuner(
             trainable,
             param_space={p.key: ray_domain(tune, p, grid) for p in params},
-            tune_config=tune.TuneConfig(metric=tu.metric, mode="min" if tu.direction == "minimize" else "max",
-                                        num_samples=1 if grid else tu.num_trials, scheduler=_scheduler(cfg),
-                                        search_alg=_search(tu), max_concurrent_trials=tu.n_jobs,
-                                        time_budget_s=tu.timeout_s),
+            tune_config=tune.TuneConfig(
+                metric=tu.metric, mode="min" if tu.direction == "minimize" else "max",
+                num_samples=1 if grid else tu.num_trials, scheduler=_scheduler(cfg, params, tune),
+                search_alg=search, time_budget_s=tu.timeout_s,
+                # BasicVariantGenerator limits itself (_search); Tune wraps the other searchers.
+                max_concurrent_trials=None if type(search).__name__ == "BasicVariantGenerator" else tu.n_jobs,
+                trial_dirname_creator=trial_dirname),
             run_config=run_config(name=tu.study_name, storage_path=str(storage)),
         )
     grid_result = tuner.fit()
-    return _result(cfg, grid_result, path)
+    return _result(cfg, grid_result, path, run_dir)
 
 
-def _result(cfg: DictConfig, grid_result, storage: str) -> StudyResult:
+def _result(cfg: DictConfig, grid_result, storage: str, run_dir: Path) -> StudyResult:
+    """Trials numbered in the order Ray created them (the result grid's order)."""
+    from vishwamai.tune.pbt import read_exploits
+
     tu = cfg.tuning
     out = StudyResult("ray", tu.study_name, tu.metric, tu.direction, storage=storage)
+    numbers: dict[str, int] = {}
     for number, r in enumerate(grid_result):
+        trial_id = Path(r.path).name.removeprefix("trial-")
+        numbers[trial_id] = number
         metrics = r.metrics or {}
         if r.error is not None:
             state, value = "FAIL", None
@@ -162,7 +247,17 @@ def _result(cfg: DictConfig, grid_result, storage: str) -> StudyResult:
             # A trial the scheduler stopped never reached the last step.
             state = "COMPLETE" if metrics.get("step") == cfg.training.max_steps else "PRUNED"
         params = {k: v for k, v in (r.config or {}).items()}
-        out.trials.append(TrialRecord(number, state, value, params,
-                                      None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:1000],
-                                      str(r.path) if getattr(r, "path", None) else None))
+        out.trials.append(TrialRecord(number, state, value, params, None if r.error is None else _reason(r.error),
+                                      str(run_dir / "trials" / f"trial-{trial_id}")))
+    if tu.pruner == "pbt":
+        out.exploits = [{**e, "trial": numbers.get(e["trial"], e["trial"]),
+                         "from_trial": numbers.get(e["from_trial"], e["from_trial"])} for e in read_exploits(run_dir)]
     return out
+
+
+def _reason(error: BaseException) -> str:
+    """The trial's own failure reason, out of Ray's wrapper (its message ends with our TrialFailed line)."""
+    text = str(error).strip().splitlines()
+    ours = [line for line in text if line.startswith(f"{TrialFailed.__module__}.TrialFailed: ")
+            or line.startswith("TrialFailed: ")]
+    return (ours[-1].split(": ", 1)[1] if ours else f"{type(error).__name__}: {text[-1] if text else ''}")[:1000]

@@ -4,7 +4,8 @@ RUN_DIR/best_overrides.yaml  the best trial's values, as a ready-to-use primary 
                              python -m vishwamai.training_v2 --config-dir RUN_DIR --config-name best_overrides
 RUN_DIR/best_overrides.txt   the same as CLI overrides, one per line:
                              python -m vishwamai.training_v2 $(cat RUN_DIR/best_overrides.txt)
-RUN_DIR/tuning_summary.json  every trial: number, state, value, params, fail reason, run dir.
+RUN_DIR/tuning_summary.json  every trial: number, state, value, params, fail reason, run dir
+                             (and, for population-based training, every exploit).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class StudyResult:
     direction: str
     trials: list[TrialRecord] = field(default_factory=list)
     storage: Optional[str] = None
+    # Population-based training only: {"step", "trial", "from_trial", "params"} per exploit.
+    exploits: Optional[list[dict[str, Any]]] = None
 
     def count(self, state: str) -> int:
         return sum(t.state == state for t in self.trials)
@@ -86,6 +89,8 @@ def write_results(result: StudyResult, run_dir: Path) -> dict[str, Any]:
         "trials": [asdict(t) for t in result.trials],
         "study_dir": str(run_dir),
     }
+    if result.exploits is not None:
+        summary["exploits"] = result.exploits
     (run_dir / "tuning_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
 

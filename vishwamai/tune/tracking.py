@@ -18,7 +18,9 @@ def tracking_uri(cfg: DictConfig, run_dir: Path) -> Optional[str]:
     mon = cfg.monitoring
     if not (mon.enabled and mon.mlflow.enabled):
         return None
-    return mon.mlflow.tracking_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    from vishwamai.monitoring.mlflow_sink import resolve_tracking_uri
+
+    return resolve_tracking_uri(mon.mlflow, run_dir)
 
 
 class StudyRun:

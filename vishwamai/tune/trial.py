@@ -26,6 +26,30 @@ METRICS = {"validation_loss": "val_loss", "validation_perplexity": "val_perplexi
 WORKER_ID = f"{socket.gethostname()}-{os.getpid()}"
 
 
+def process_start_time(pid: int) -> Optional[float]:
+    """When process `pid` started (None: no such process).  With the pid it names one process
+    for good: a restarted container may reuse the pid (often 1), never the start time."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+WORKER_STARTED = process_start_time(os.getpid())
+
+
+def worker_is_gone(worker: str, started: Optional[float]) -> bool:
+    """Whether the process that ran a trial (its WORKER_ID and WORKER_STARTED) is known to be dead:
+    only answerable on its own host; elsewhere the heartbeat decides."""
+    host, _, pid = worker.rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or started is None:
+        return False
+    now = process_start_time(int(pid))
+    return now is None or abs(now - started) > 0.5
+
+
 class TrialFailed(Exception):
     """A trial ended without a usable objective value (e.g. a non-finite loss)."""
 
