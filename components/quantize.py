@@ -4,7 +4,7 @@ from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 def quantize(pruned: Input[Model], dataset: Input[Dataset], mode: str, calibration_steps: int,
              quantized: Output[Model], metrics: Output[Metrics], corpus: Input[Dataset] = None):
-    """Post-training int8 quantization (mode: dynamic | weight_only | static) of the pruned model.
+    """Post-training int8 quantization (mode: dynamic | weight_only) of the pruned model.
 
     `quantized` is the pipeline's final model (a later HF-format export step reads this artifact)."""
     from vishwamai.kubeflow import stages

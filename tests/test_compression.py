@@ -6,6 +6,7 @@ Real training runs (tiny model), real safetensors files, a fresh Python process 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -288,6 +289,91 @@ def test_load_quantized_rejects_unknown_format(trained, tmp_path):
         load_quantized(tmp_path)
     with pytest.raises(CheckpointError, match="not a quantized"):
         load_quantized(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------- compiled int8 (torchao)
+def hide_torchao(monkeypatch) -> None:
+    """As if torchao were not installed: importing it, or any of its modules, raises ImportError."""
+    for name in [n for n in sys.modules if n.startswith("torchao.")] + ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def saved_int8(trained, directory):
+    """The trained model, quantized with calibration and saved in vishwamai's int8 format."""
+    from vishwamai.checkpoint import find_model_dir, load_model
+    from vishwamai.compress.quantize import calibration_batches, load_validation, quantize_state, save_quantized
+
+    run_dir, _ = trained
+    fp32 = load_model(find_model_dir(run_dir)).eval()
+    val, seq_len = load_validation(DATA, fp32.config)
+    tensors, meta = quantize_state(fp32, calibration_batches(val, seq_len, 2))
+    save_quantized(directory, tensors, {**meta, "mode": "dynamic"}, fp32.config)
+    return fp32, val, seq_len
+
+
+def fallback_warnings(caplog) -> str:
+    return " ".join(r.getMessage() for r in caplog.records
+                    if r.name == "vishwamai.compress.compiled" and r.levelno == logging.WARNING)
+
+
+def test_compiled_int8_falls_back_to_eager_when_torchao_is_missing(trained, tmp_path, monkeypatch, caplog):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    from vishwamai.compress import load_quantized, quantize_model_dir
+
+    hide_torchao(monkeypatch)
+    caplog.set_level(logging.INFO, logger="vishwamai.compress.compiled")
+    run_dir, _ = trained
+    report = quantize_model_dir(run_dir / "checkpoints" / "final", tmp_path / "q", "dynamic", 2, DATA, compile=True)
+    assert report["int8_kernels"] == "dynamic"  # torch.ao's eager kernels ran, and the report says so
+    assert "torchao is not importable" in fallback_warnings(caplog)
+    assert abs(report["quantized_val_loss"] - report["fp32_val_loss"]) < LOSS_TOLERANCE
+    model = load_quantized(tmp_path / "q", compile=True)
+    assert isinstance(model.blocks[0].mlp.down, DynamicLinear) and model.int8_kernels == "dynamic"
+
+
+def test_compiled_int8_falls_back_to_eager_without_a_cxx_compiler(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("torchao")
+    import torch._inductor.config as inductor_config
+
+    from vishwamai.compress import load_quantized
+    from vishwamai.compress.quantize import quantize_state, save_quantized
+
+    model = small_model()
+    tensors, meta = quantize_state(model)
+    save_quantized(tmp_path, tensors, {**meta, "mode": "weight_only"}, model.config)
+    # Inductor's CPU backend searches this list for a C++ compiler: none of it exists.
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("vishwamai-no-such-compiler",))
+    caplog.set_level(logging.WARNING, logger="vishwamai.compress.compiled")
+    fallback = load_quantized(tmp_path, compile=True)  # a weight_only file: compile runs its weights as dynamic
+    assert fallback.int8_kernels == "dynamic" and "InvalidCxxCompiler" in fallback_warnings(caplog)
+    idx = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(fallback(idx).logits, load_quantized(tmp_path, "dynamic")(idx).logits)
+    with pytest.raises(ConfigError, match="compile"):
+        load_quantized(tmp_path, "weight_only", compile=True)
+
+
+@pytest.mark.slow  # torch.compile on 2 CPU cores: 30-90 s
+def test_compiled_int8_reads_the_int8_file_and_keeps_the_loss(trained, tmp_path):
+    pytest.importorskip("torchao")
+    from vishwamai.compress import load_quantized
+    from vishwamai.compress.measure import validation_loss
+
+    fp32, val, seq_len = saved_int8(trained, tmp_path)
+    compiled = load_quantized(tmp_path, compile=True)
+    assert compiled.int8_kernels == "dynamic compiled"
+    saved = load_file(str(tmp_path / "quantized.safetensors"))
+    down = compiled.blocks[0].mlp.down.weight  # a torchao Int8Tensor holding the file's int8 rows and scales
+    assert torch.equal(down.qdata, saved["blocks.0.mlp.down.weight_int8"])
+    assert torch.equal(down.scale.flatten(), saved["blocks.0.mlp.down.weight_scale"])
+    assert torch.equal(compiled.lm_head.weight.qdata, saved["embed.weight_int8"])  # the tied head, stored once
+    loss = {name: validation_loss(m, val, seq_len) for name, m in
+            (("fp32", fp32), ("eager", load_quantized(tmp_path)), ("compiled", compiled))}
+    print(loss)
+    assert loss["compiled"] != loss["fp32"]  # really int8 arithmetic
+    assert abs(loss["compiled"] - loss["fp32"]) < LOSS_TOLERANCE
+    assert abs(loss["compiled"] - loss["eager"]) < LOSS_TOLERANCE
 
 
 # ---------------------------------------------------------------------- report

@@ -1,13 +1,14 @@
 """Compression report: compare models (fp32 checkpoints, pruned, quantized) side by side.
 
     python -m vishwamai.evaluate --model fp32=runs/a --model pruned=runs/a/pruned \
-        --model int8=runs/a/quantized --output report/ [--data-path P] [--seq-len N]
+        --model int8=runs/a/quantized --output report/ [--data-path P] [--seq-len N] [--compile]
 
 For each model: weights as stored and how many are non-zero, size of its files on disk,
 CPU latency per generated token (greedy, batch 1), validation loss and perplexity on the
 same validation windows. Writes OUT/evaluation.json, OUT/evaluation.md (a table) and
 OUT/evaluation.png (bars per figure). A directory is a model dir, a run dir (its best /
-latest / final checkpoint) or a quantized dir (vishwamai.compress.quantize).
+latest / final checkpoint) or a quantized dir (vishwamai.compress.quantize). --compile runs the
+int8 models on the compiled torchao path (vishwamai/compress/compiled.py; falls back, logged).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any, Optional
 import torch
 
 from vishwamai.checkpoint import read_model_config
-from vishwamai.compress.measure import (is_quantized_dir, latency_ms_per_token, load_any, perplexity,
-                                        resolve_model_dir, size_on_disk, stored_weight_counts, validation_loss)
+from vishwamai.compress.measure import (latency_ms_per_token, perplexity, size_on_disk, stored_weight_counts,
+                                        validation_loss)
+from vishwamai.compress.storage import is_quantized_dir, load_any, resolve_model_dir
 from vishwamai.config import DataConfig
 from vishwamai.errors import ConfigError
 
@@ -37,18 +39,19 @@ COLUMNS = (
 )
 
 
-def evaluate_one(directory: str | Path, data_cfg: DataConfig, eval_batches: int, batch_size: int) -> dict[str, Any]:
+def evaluate_one(directory: str | Path, data_cfg: DataConfig, eval_batches: int, batch_size: int,
+                 compile: bool = False) -> dict[str, Any]:
     from vishwamai.compress.quantize import load_validation
     from vishwamai.hf import with_model_tokenizer
 
     d = resolve_model_dir(directory)
     model_cfg = read_model_config(d)
     val, seq_len = load_validation(with_model_tokenizer(data_cfg, d), model_cfg)
-    model = load_any(d)
+    model = load_any(d, compile=compile)
     loss = validation_loss(model, val, seq_len, batch_size, eval_batches)
     return {
         "path": str(d),
-        "kind": ("int8 " + json.loads((d / "quantization.json").read_text())["mode"]) if is_quantized_dir(d) else "fp32",
+        "kind": f"int8 {model.int8_kernels}" if is_quantized_dir(d) else "fp32",  # the kernels that ran
         **stored_weight_counts(d),
         "size_bytes": size_on_disk(d),
         "ms_per_token": latency_ms_per_token(model, model_cfg.vocab_size),
@@ -91,12 +94,12 @@ def plot(results: dict[str, dict], path: Path) -> None:
 
 
 def evaluate_models(models: dict[str, str | Path], output_dir: str | Path, data_cfg: Optional[DataConfig] = None,
-                    *, eval_batches: int = 8, batch_size: int = 8) -> dict[str, Any]:
+                    *, eval_batches: int = 8, batch_size: int = 8, compile: bool = False) -> dict[str, Any]:
     """Measure every model the same way; write evaluation.json / .md / .png to output_dir."""
     if not models:
         raise ConfigError("--model", "give at least one NAME=DIR")
     data_cfg = data_cfg or DataConfig()
-    results = {name: evaluate_one(d, data_cfg, eval_batches, batch_size) for name, d in models.items()}
+    results = {name: evaluate_one(d, data_cfg, eval_batches, batch_size, compile) for name, d in models.items()}
     report = {"models": results, "threads": torch.get_num_threads(), "eval_batches": eval_batches,
               "batch_size": batch_size, "data_path": data_cfg.path}
     out = Path(output_dir)
@@ -126,12 +129,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data-path", default=None, help="validation text (default: the embedded corpus)")
     parser.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--compile", action="store_true",
+                        help="int8 models on the compiled torchao path (mode dynamic; falls back, logged)")
     args = parser.parse_args(argv)
     from vishwamai.errors import VishwamaiError
 
     try:
         report = evaluate_models(parse_models(args.model), args.output,
-                                 DataConfig(path=args.data_path, seq_len=args.seq_len), eval_batches=args.eval_batches)
+                                 DataConfig(path=args.data_path, seq_len=args.seq_len), eval_batches=args.eval_batches,
+                                 compile=args.compile)
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

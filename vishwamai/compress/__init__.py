@@ -1,4 +1,5 @@
-"""Model compression: gradual pruning (pruning.py) and int8 post-training quantization (quantize.py).
+"""Model compression: gradual pruning (pruning.py) and int8 post-training quantization (quantize.py;
+the int8 files: storage.py; the kernels: int8.py, and compiled.py for torchao under torch.compile).
 
 Config home: distillation.pruning.* and distillation.quantization.* (the seed nests them
 under distillation); both also run without distillation.enabled.
@@ -9,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vishwamai.compress.pruning import GradualPruning, compact_mlp, compute_masks
-from vishwamai.compress.quantize import PostTrainingQuantization, load_quantized, quantize_model_dir
+from vishwamai.compress.quantize import PostTrainingQuantization, quantize_model_dir
+from vishwamai.compress.storage import load_quantized
 from vishwamai.compress.schedule import sparsity_at
 from vishwamai.errors import NotImplementedYet
 

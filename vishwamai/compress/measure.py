@@ -19,21 +19,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE
+from vishwamai.compress.storage import QUANT_META_FILE, QUANT_WEIGHTS_FILE, is_quantized_dir
 from vishwamai.data import eval_batches
-
-QUANT_WEIGHTS_FILE = "quantized.safetensors"
-QUANT_META_FILE = "quantization.json"
-
-
-def is_quantized_dir(directory: str | Path) -> bool:
-    return (Path(directory) / QUANT_META_FILE).is_file()
-
-
-def resolve_model_dir(directory: str | Path) -> Path:
-    """A quantized dir as is; else the model dir of a run or checkpoint dir (find_model_dir)."""
-    from vishwamai.checkpoint import find_model_dir
-
-    return Path(directory) if is_quantized_dir(directory) else find_model_dir(directory)
 
 
 def model_files(directory: str | Path) -> list[Path]:
@@ -63,16 +50,6 @@ def stored_weight_counts(directory: str | Path) -> dict[str, int]:
             total += t.numel()
             nonzero += int(torch.count_nonzero(t))
     return {"parameters": total, "nonzero_parameters": nonzero}
-
-
-def load_any(directory: str | Path) -> nn.Module:
-    """A float or quantized model directory -> model in eval mode on CPU (never unpickles)."""
-    from vishwamai.checkpoint import load_model
-    from vishwamai.compress.quantize import load_quantized
-
-    d = resolve_model_dir(directory)
-    model = load_quantized(d) if is_quantized_dir(d) else load_model(d)
-    return model.eval()
 
 
 @torch.no_grad()

@@ -1,15 +1,10 @@
 """Post-training int8 quantization of a model's Linear layers (distillation.quantization.*).
 
     python -m vishwamai.compress.quantize --model RUN_OR_MODEL_DIR --output OUT_DIR \
-        [--mode dynamic|weight_only] [--calibration-steps N] [--data-path P]
+        [--mode dynamic|weight_only] [--compile] [--calibration-steps N] [--data-path P]
 
-On disk (OUT_DIR), nothing is pickled, so loading never runs code:
-  quantized.safetensors  int8 weights `<module>.weight_int8` + fp32 per-row `<module>.weight_scale`
-                         for every Linear and the embedding (a tied output head is stored once,
-                         as the embedding); other tensors (norm weights) as fp32
-  quantization.json      format, mode, scheme, which modules are int8, calibration used
-  model_config.json      the architecture; load_quantized(dir) rebuilds the model from the three
-  report.json            the figures: sizes, fp32 vs int8 validation loss and latency
+OUT_DIR holds the int8 model (storage.py: safetensors + JSON, nothing pickled) and report.json, the
+figures: sizes, fp32 vs int8 validation loss and latency (--compile: of the compiled int8 path, compiled.py).
 See int8.py for the kernels and the calibration.
 """
 
@@ -26,19 +21,17 @@ from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save
 
-from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, as_model_config, read_model_config
-from vishwamai.compress.int8 import (MODES, GramCollector, Int8Embedding, calibrated_scales, int8_linear,
-                                     quantize_rows)
-from vishwamai.compress.measure import (QUANT_META_FILE, QUANT_WEIGHTS_FILE, is_quantized_dir, latency_ms_per_token,
-                                        resolve_model_dir, size_on_disk, validation_loss)
+from vishwamai.checkpoint.io import as_model_config, read_model_config
+from vishwamai.compress.int8 import MODES, GramCollector, calibrated_scales, quantize_rows
+from vishwamai.compress.measure import latency_ms_per_token, size_on_disk, validation_loss
+from vishwamai.compress.storage import (FORMAT, FORMAT_VERSION, is_quantized_dir, load_quantized, resolve_model_dir,
+                                        save_quantized)
 from vishwamai.config import DataConfig
 from vishwamai.errors import CheckpointError, ConfigError
 from vishwamai.train.events import Callback
 
-FORMAT = "vishwamai-int8"
-FORMAT_VERSION = 1
 QUANTIZED_DIR = "quantized"
 REPORT_FILE = "report.json"
 
@@ -90,61 +83,6 @@ def quantize_state(model: nn.Module, calibration: Iterable[torch.Tensor] = ()) -
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, meta
 
 
-def build_quantized(model_cfg, tensors: dict[str, torch.Tensor], meta: dict, mode: str) -> nn.Module:
-    """The Transformer of `model_cfg` with int8 modules holding `tensors` (runs on CPU)."""
-    from vishwamai.model import Transformer
-
-    model = Transformer(model_cfg)
-    for name in meta["linear_modules"]:
-        parent, _, child = name.rpartition(".")
-        bias = tensors.get(f"{name}.bias")
-        module = int8_linear(mode, tensors[f"{name}.weight_int8"], tensors[f"{name}.weight_scale"], bias)
-        setattr(model.get_submodule(parent) if parent else model, child, module)
-    model.embed = Int8Embedding(tensors["embed.weight_int8"], tensors["embed.weight_scale"])
-    if meta["tied_embeddings"]:
-        model.lm_head = int8_linear(mode, tensors["embed.weight_int8"], tensors["embed.weight_scale"], None)
-    left = {n for n, _ in model.named_parameters()}
-    if left != set(meta["fp32_tensors"]):
-        raise CheckpointError(f"quantized weights do not match the model: fp32 tensors {sorted(left)} expected, "
-                              f"file has {meta['fp32_tensors']}")
-    with torch.no_grad():  # copied one by one: torch.ao's modules insist on their own keys in load_state_dict
-        for name in left:
-            model.get_parameter(name).copy_(tensors[name])
-    return model.eval()
-
-
-def save_quantized(directory: str | Path, tensors: dict, meta: dict, model_cfg) -> Path:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(d / QUANT_WEIGHTS_FILE))
-    (d / QUANT_META_FILE).write_text(json.dumps(meta, indent=1))
-    (d / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(as_model_config(model_cfg)), indent=1))
-    return d
-
-
-def load_quantized(directory: str | Path, mode: Optional[str] = None) -> nn.Module:
-    """Rebuild a saved quantized model (safetensors + JSON only). `mode` overrides the saved kernel choice."""
-    d = Path(directory)
-    meta_path = d / QUANT_META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"no {QUANT_META_FILE} in {d}: not a quantized vishwamai model")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"unreadable {meta_path}: {e}") from e
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION or meta.get("precision") != "int8":
-        raise CheckpointError(f"{meta_path}: unsupported quantization format {meta.get('format')!r} "
-                              f"v{meta.get('version')} precision {meta.get('precision')!r}")
-    mode = mode or meta["mode"]
-    if mode not in MODES:
-        raise CheckpointError(f"{meta_path}: unknown mode {mode!r}, expected one of {list(MODES)}")
-    try:
-        tensors = load_file(str(d / QUANT_WEIGHTS_FILE))
-    except Exception as e:  # safetensors raises several types for missing or corrupt files
-        raise CheckpointError(f"corrupt or missing {d / QUANT_WEIGHTS_FILE}: {e}") from e
-    return build_quantized(read_model_config(d), tensors, meta, mode)
-
-
 def fp32_size_bytes(model: nn.Module, model_cfg) -> int:
     """Bytes save_model would write for `model` (weights file + config), without writing it."""
     from vishwamai.checkpoint.io import model_state_for_saving
@@ -163,8 +101,10 @@ def calibration_batches(val_tokens, seq_len: int, steps: int, batch_size: int = 
 
 
 def quantize_and_report(model: nn.Module, model_cfg, output_dir: str | Path, mode: str, calibration_steps: int,
-                        val_tokens, seq_len: int, batch_size: int = 8, eval_batches: int = 8) -> dict[str, Any]:
-    """Quantize `model` into output_dir, reload it from disk, and compare it with the fp32 model."""
+                        val_tokens, seq_len: int, batch_size: int = 8, eval_batches: int = 8,
+                        compile: bool = False) -> dict[str, Any]:
+    """Quantize `model` into output_dir, reload it from disk, and compare it with the fp32 model.
+    `compile`: the int8 figures are those of the compiled path (load_quantized(compile=True))."""
     if mode not in MODES:
         raise ConfigError("distillation.quantization.mode", f"got {mode!r}, expected one of {list(MODES)}")
     model = model.float().cpu().eval()
@@ -173,10 +113,11 @@ def quantize_and_report(model: nn.Module, model_cfg, output_dir: str | Path, mod
     meta["mode"] = mode
     out = save_quantized(output_dir, tensors, meta, model_cfg)
     quantize_s = time.perf_counter() - start
-    qmodel = load_quantized(out)  # measure what was saved, not the in-memory copy
+    qmodel = load_quantized(out, compile=compile)  # measure what was saved, not the in-memory copy
     vocab = as_model_config(model_cfg).vocab_size
     report = {
-        "mode": mode, "precision": "int8", "calibration_steps": meta["calibration_steps"],
+        "mode": mode, "int8_kernels": qmodel.int8_kernels, "precision": "int8",
+        "calibration_steps": meta["calibration_steps"],
         "quantized_model": str(out), "quantize_s": quantize_s,
         "fp32_size_bytes": fp32_size_bytes(model, model_cfg), "quantized_size_bytes": size_on_disk(out),
         "fp32_val_loss": validation_loss(model, val_tokens, seq_len, batch_size, eval_batches),
@@ -204,13 +145,16 @@ def load_validation(data_cfg: Optional[DataConfig], model_cfg):
 
 
 def quantize_model_dir(model_dir: str | Path, output_dir: str | Path, mode: str = "dynamic",
-                       calibration_steps: int = 100, data_cfg: Optional[DataConfig] = None) -> dict[str, Any]:
+                       calibration_steps: int = 100, data_cfg: Optional[DataConfig] = None,
+                       compile: bool = False) -> dict[str, Any]:
     """Quantize a saved model (a model dir, or a run dir: its best/latest/final checkpoint)."""
     from vishwamai.checkpoint import load_model
     from vishwamai.hf import with_model_tokenizer
 
     if mode not in MODES:
         raise ConfigError("mode", f"got {mode!r}, expected one of {list(MODES)}")
+    if compile and mode != "dynamic":
+        raise ConfigError("compile", f"the compiled int8 path runs mode=dynamic, not {mode!r}")
     if calibration_steps < 0:
         raise ConfigError("calibration_steps", f"must be >= 0, got {calibration_steps}")
     source = resolve_model_dir(model_dir)
@@ -218,7 +162,8 @@ def quantize_model_dir(model_dir: str | Path, output_dir: str | Path, mode: str 
         raise CheckpointError(f"{source} is already quantized; give the fp32 model it came from")
     model_cfg = read_model_config(source)
     val, seq_len = load_validation(with_model_tokenizer(data_cfg or DataConfig(), source), model_cfg)
-    report = quantize_and_report(load_model(source), model_cfg, output_dir, mode, calibration_steps, val, seq_len)
+    report = quantize_and_report(load_model(source), model_cfg, output_dir, mode, calibration_steps, val, seq_len,
+                                 compile=compile)
     report["source_model"] = str(source)
     (Path(output_dir) / REPORT_FILE).write_text(json.dumps(report, indent=1))
     return report
@@ -252,6 +197,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", required=True, help="model dir, or a run dir (its best/latest/final checkpoint)")
     parser.add_argument("--output", required=True, help="where to write the quantized model")
     parser.add_argument("--mode", default="dynamic", choices=MODES)
+    parser.add_argument("--compile", action="store_true",
+                        help="measure the int8 model on the compiled torchao path (mode dynamic; falls back, logged)")
     parser.add_argument("--calibration-steps", type=int, default=100)
     parser.add_argument("--data-path", default=None, help="calibration/validation text (default: embedded corpus)")
     parser.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
@@ -260,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     try:
         report = quantize_model_dir(args.model, args.output, args.mode, args.calibration_steps,
-                                    DataConfig(path=args.data_path, seq_len=args.seq_len))
+                                    DataConfig(path=args.data_path, seq_len=args.seq_len), args.compile)
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
