@@ -25,6 +25,9 @@ from vishwamai.train.events import Callback
 DATA = DataConfig(seq_len=32, embedded_max_bytes=200_000)
 # Documented tolerance (README "Compression"): int8 validation loss within 0.02 nats/token of fp32.
 LOSS_TOLERANCE = 0.02
+# The compiled torchao path against torch.ao's eager one (README "Compression"): same int8 weights, activations
+# quantized per token instead of per tensor; 7e-5 apart measured on the trained test model.
+EAGER_TOLERANCE = 0.002
 
 
 def small_model(**kw) -> Transformer:
@@ -370,10 +373,9 @@ def test_compiled_int8_reads_the_int8_file_and_keeps_the_loss(trained, tmp_path)
     assert torch.equal(compiled.lm_head.weight.qdata, saved["embed.weight_int8"])  # the tied head, stored once
     loss = {name: validation_loss(m, val, seq_len) for name, m in
             (("fp32", fp32), ("eager", load_quantized(tmp_path)), ("compiled", compiled))}
-    print(loss)
     assert loss["compiled"] != loss["fp32"]  # really int8 arithmetic
     assert abs(loss["compiled"] - loss["fp32"]) < LOSS_TOLERANCE
-    assert abs(loss["compiled"] - loss["eager"]) < LOSS_TOLERANCE
+    assert abs(loss["compiled"] - loss["eager"]) < EAGER_TOLERANCE
 
 
 # ---------------------------------------------------------------------- report

@@ -30,17 +30,23 @@ log = logging.getLogger(__name__)
 WARMUP_SHAPE = (2, 8)
 
 
+# Loggers quietened while torchao is imported: it logs the CUDA-only extensions it could not load
+# (noise on CPU), and torch a deprecation of how torchao registers one of its enums.
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
 def _torchao():
-    """torchao's int8 tensor pieces. torchao logs, on import, the CUDA-only extensions it could not
-    load: noise on a CPU machine, so that logger is quietened for the import."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """torchao's int8 tensor pieces (ImportError where torchao is missing or does not fit this torch)."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         from torchao.quantization.granularity import PerRow
         from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor, QuantizeTensorToInt8Kwargs
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return Int8Tensor, QuantizeTensorToInt8Kwargs, PerRow
 
 
