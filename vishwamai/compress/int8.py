@@ -8,7 +8,8 @@ embedding). Computation uses kernels that ship with torch, chosen by `mode`:
                uses): activations are not quantized; the matmul runs in bfloat16 (the kernel's
                fast CPU path; with fp32 inputs it falls back to a slow reference loop), and the
                output is cast back. Best for batch-1 decoding; slower than fp32 for long prefills.
-Both modes store the same int8 weights + scales, so a saved model may run either way.
+Both modes store the same int8 weights + scales, so a saved model may run either way, or on the
+compiled torchao path (compiled.py, load_quantized(compile=True)), which is faster than both.
 
 Calibration: the clipping of each output channel's range is chosen to minimise the error
 of that channel's output on calibration activations, ||X (w - q(w))||^2, computed from the
