@@ -11,8 +11,8 @@ from pathlib import Path
 
 from vishwamai.compress.pruning import GradualPruning, compact_mlp, compute_masks
 from vishwamai.compress.quantize import PostTrainingQuantization, quantize_model_dir
-from vishwamai.compress.storage import load_quantized
 from vishwamai.compress.schedule import sparsity_at
+from vishwamai.compress.storage import load_quantized
 from vishwamai.errors import NotImplementedYet
 
 __all__ = ["GradualPruning", "PostTrainingQuantization", "build_compression", "compact_mlp", "compute_masks",
