@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE
-from vishwamai.compress.storage import QUANT_META_FILE, QUANT_WEIGHTS_FILE, is_quantized_dir
+# resolve_model_dir: also read from here (vishwamai/hf/export.py); it lives with the int8 files in storage.py.
+from vishwamai.compress.storage import (QUANT_META_FILE, QUANT_WEIGHTS_FILE, is_quantized_dir,  # noqa: F401
+                                        resolve_model_dir)
 from vishwamai.data import eval_batches
 
 
