@@ -18,7 +18,7 @@
 FROM python:3.11-slim@sha256:9c900dea9e8fb7e16277c179b555cc72d29a352dbc33cff48ad5a0412fd5bfc7 AS build
 ARG VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
-ARG EXTRAS=monitoring,kubeflow,tune,wandb
+ARG EXTRAS=monitoring,kubeflow,tune,wandb,int8
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -1,6 +1,6 @@
 """Write constraints/image.txt: the exact versions the image installs, from an environment where the suite passed.
 
-    python scripts/image_constraints.py [--extras monitoring,kubeflow,tune,wandb] [--output constraints/image.txt]
+    python scripts/image_constraints.py [--extras monitoring,kubeflow,tune,wandb,int8] [--output constraints/image.txt]
 
 Walks the requirements of vishwamai and the given extras through the installed distributions (markers
 evaluated for this interpreter, which should be the image's Python, 3.11) and pins each to the version
@@ -22,7 +22,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_EXTRAS = ("monitoring", "kubeflow", "tune", "wandb")
+DEFAULT_EXTRAS = ("monitoring", "kubeflow", "tune", "wandb", "int8")
 UNPINNED = {"torch", "vishwamai"}  # torch from its own index; the project itself from the source tree
 
 
