@@ -77,6 +77,9 @@ def test_trial_job_is_valid_and_locked_down():
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert {"requests", "limits"} <= set(container["resources"])
+    secret_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert {"WANDB_API_KEY", "MLFLOW_TRACKING_URI"} <= set(secret_refs)  # tracking credentials, optional
+    assert all(ref["name"] == "vishwamai-secrets" and ref["optional"] for ref in secret_refs.values())
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == mounts["/tmp"])
 

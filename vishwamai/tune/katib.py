@@ -22,6 +22,7 @@ import yaml
 from omegaconf import DictConfig
 
 from vishwamai.errors import ConfigError
+from vishwamai.kubeflow.pytorchjob import secret_env
 from vishwamai.tune.space import Param, cli_value, parse_space
 from vishwamai.tune.trial import METRICS
 
@@ -97,7 +98,8 @@ def trial_job(params: list[Param], image: str, base_overrides: list[str]) -> dic
         "command": ["python", "-m", "vishwamai.training_v2"],
         "args": args,
         "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-                {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"}],
+                {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+                *secret_env()],  # tracking credentials, as every other pod of ours: optional keys
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}},
         "securityContext": container_sc,
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
