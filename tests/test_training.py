@@ -274,13 +274,18 @@ def test_sample_prompt_ends_the_run_with_a_sample_from_the_trained_model(tmp_pat
 
 
 def test_o2_with_pruning_fails_loudly(tmp_path):
+    """A config check: refused by validate() (so also by the pipeline's and the study's checks before
+    any pod or trial starts) and by run() before anything is built."""
+    from vishwamai.config import validate
     from vishwamai.errors import NotImplementedYet
-    from vishwamai.training_v2 import reject_unimplemented
 
     cfg = compose_config(["amp.enabled=true", "amp.opt_level=O2", "distillation.pruning.enabled=true"],
                          run_dir=str(tmp_path))
     with pytest.raises(NotImplementedYet, match="amp.opt_level=O2 with distillation.pruning"):
-        reject_unimplemented(cfg)
+        validate(cfg)
+    with pytest.raises(NotImplementedYet, match="amp.opt_level=O2 with distillation.pruning"):
+        run(cfg)
+    assert not any(tmp_path.iterdir())
 
 
 def test_demo_ends_by_printing_a_sample(tmp_path, tiny_overrides, run_module):

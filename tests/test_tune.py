@@ -17,8 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from vishwamai.errors import ConfigError, NotImplementedYet
-from vishwamai.training_v2 import compose_config, run
-from vishwamai.tune import run_tuning
+from vishwamai.training_v2 import compose_config, study
 from vishwamai.tune.space import overrides_as_cli, overrides_as_nested, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,16 +90,37 @@ def test_ray_selected_but_not_installed_is_a_clear_error(tmp_path, tiny_override
         pass
     cfg = compose_config(tiny_overrides + ["tuning.enabled=true", "tuning.framework=ray"], run_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"pip install 'vishwamai\[ray\]'") as info:
-        run(cfg)
+        study(cfg)
     assert info.value.key == "tuning.framework"
     assert not (tmp_path / "trials").exists()
+
+
+# ------------------------------------------------------------- study or run
+def test_the_command_line_chooses_a_study_and_run_trains_one_model(tmp_path, tiny_overrides, run_module):
+    """`python -m vishwamai.training_v2 tuning.enabled=true` runs a study (trials are ordinary runs);
+    run(cfg) is one run and refuses a study's config rather than training one model in its place."""
+    from vishwamai.training_v2 import run
+
+    overrides = study_overrides(tiny_overrides) + [
+        "tuning.num_trials=1", "tuning.enqueue_trials=[]", "tuning.pruner=none", "training.max_steps=2",
+        "++tuning.search_space={model.n_heads: null}"]
+    proc = run_module("vishwamai.training_v2", *overrides, f"hydra.run.dir={tmp_path / 'study'}", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [t.state.name for t in stored_trials(tmp_path / "study")] == ["COMPLETE"]
+    assert json.loads((tmp_path / "study/trials/trial-0/summary.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "study/tuning_summary.json").read_text())["trials_complete"] == 1
+
+    with pytest.raises(ConfigError) as info:
+        run(compose_config(overrides, run_dir=str(tmp_path / "one")))
+    assert info.value.key == "tuning.enabled"
+    assert not (tmp_path / "one").exists()
 
 
 # ------------------------------------------------------------------ optuna study
 def test_optuna_study_prunes_survives_failure_and_resumes_in_parallel_processes(tmp_path, tiny_overrides):
     run_dir = tmp_path / "study"
     overrides = study_overrides(tiny_overrides)
-    summary = run(compose_config(overrides + ["tuning.num_trials=4"], run_dir=str(run_dir)))
+    summary = study(compose_config(overrides + ["tuning.num_trials=4"], run_dir=str(run_dir)))
 
     trials = stored_trials(run_dir)
     states = [t.state.name for t in trials]
@@ -144,17 +164,17 @@ def test_optuna_study_prunes_survives_failure_and_resumes_in_parallel_processes(
     assert "best trial" in outputs[0] and "best_overrides.yaml" in outputs[0]
 
     # Budget spent: a rerun adds nothing and reports the same best trial.
-    again = run(compose_config(overrides + ["tuning.num_trials=8"], run_dir=str(run_dir)))
+    again = study(compose_config(overrides + ["tuning.num_trials=8"], run_dir=str(run_dir)))
     assert len(stored_trials(run_dir)) == len(trials) and again["best_value"] <= summary["best_value"]
 
 
 def test_resumed_study_must_keep_its_search_space(tmp_path, tiny_overrides):
     run_dir = tmp_path / "study"
     overrides = study_overrides(tiny_overrides) + ["tuning.num_trials=1", "tuning.enqueue_trials=[]"]
-    run(compose_config(overrides, run_dir=str(run_dir)))
+    study(compose_config(overrides, run_dir=str(run_dir)))
     changed = overrides + ["++tuning.search_space={training.optimizer.lr: {type: float, low: 0.001, high: 0.01}}"]
     with pytest.raises(ConfigError) as info:
-        run(compose_config(changed, run_dir=str(run_dir)))
+        study(compose_config(changed, run_dir=str(run_dir)))
     assert info.value.key == "tuning.search_space"
 
 
@@ -163,9 +183,9 @@ def test_unimplemented_feature_stops_the_study_instead_of_failing_every_trial(tm
         "tuning.num_trials=3", "tuning.enqueue_trials=[]", "amp.enabled=true", "amp.opt_level=O2",
         "distillation.pruning.enabled=true"],
         run_dir=str(tmp_path))
-    # Found by the study's preflight (reject_unimplemented on the trial config): no trial starts at all.
+    # Found by the study's preflight (validate): no trial starts at all.
     with pytest.raises(NotImplementedYet, match="amp.opt_level=O2 with distillation.pruning"):
-        run(cfg)
+        study(cfg)
     db = tmp_path / "optuna.db"
     assert not db.exists() or not any(s.n_trials for s in optuna.get_all_study_summaries(f"sqlite:///{db}"))
 
@@ -181,7 +201,7 @@ def test_all_trials_failing_is_an_error_with_the_reasons(tmp_path, tiny_override
         "tuning.enqueue_trials=[{training.optimizer.lr: 1.0e6, model.n_heads: 2}, "
         "{training.optimizer.lr: 1.0e7, model.n_heads: 3}]"]
     with pytest.raises(TuningError, match="no trial"):
-        run_tuning(compose_config(overrides, run_dir=str(tmp_path)))
+        study(compose_config(overrides, run_dir=str(tmp_path)))
     trials = stored_trials(tmp_path)
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]
     assert trials[0].user_attrs["fail_reason"].startswith("NonFiniteLossError")
@@ -194,7 +214,7 @@ def test_n_jobs_runs_trials_in_worker_processes(tmp_path, tiny_overrides):
         "training.max_steps=60", "training.eval_every_n_steps=20", "tuning.num_trials=6", "tuning.n_jobs=2",
         "tuning.pruner=none", "tuning.enqueue_trials=[]",
         "++tuning.search_space={model.n_heads: null, training.optimizer.lr: {type: log_float, low: 1e-4, high: 3e-3}}"]
-    run(compose_config(overrides, run_dir=str(tmp_path)))
+    study(compose_config(overrides, run_dir=str(tmp_path)))
     trials = stored_trials(tmp_path)
     assert 6 <= len(trials) <= 7 and all(t.state.name == "COMPLETE" for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2
@@ -225,7 +245,7 @@ def test_a_trial_whose_process_died_is_retried_from_its_last_checkpoint(tmp_path
     last = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
     time.sleep(4)  # > 3 heartbeats: the trial is stale
     again = [o for o in overrides if not o.startswith(("training.max_steps", "hydra."))]
-    run(compose_config(again + [f"training.max_steps={last + 4}"], run_dir=str(run_dir)))
+    study(compose_config(again + [f"training.max_steps={last + 4}"], run_dir=str(run_dir)))
     trials = stored_trials(run_dir)
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].params == trials[0].params
@@ -243,7 +263,7 @@ def test_trial_runs_nest_under_the_study_mlflow_run(tmp_path, tiny_overrides):
         "tuning.num_trials=2", "tuning.enqueue_trials=[]", "++tuning.search_space={model.n_heads: null}"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
-        run(compose_config(overrides, run_dir=str(tmp_path)))
+        study(compose_config(overrides, run_dir=str(tmp_path)))
     except NotImplementedYet as e:
         assert "mlflow" in str(e)
         (study_run,) = client.search_runs([client.get_experiment_by_name("vishwamai").experiment_id])
@@ -266,7 +286,7 @@ def test_every_sampler_and_pruner_runs_a_study(tmp_path, tiny_overrides, sampler
         "training.max_steps=6",
         "++tuning.search_space={model.n_heads: null, training.optimizer.lr: {type: float, low: 0.001, high: 0.003, "
         "step: 0.001}, training.batch_size: {type: int, low: 2, high: 4, step: 2}}"]
-    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
+    summary = study(compose_config(overrides, run_dir=str(tmp_path)))
     trials = stored_trials(tmp_path)
     assert len(trials) == 3 and summary["trials_complete"] >= 1
     for t in trials:
@@ -299,17 +319,17 @@ def test_restarted_study_fails_and_retries_its_dead_trials_at_once(tmp_path, tin
         "tuning.num_trials=2", "tuning.enqueue_trials=[]", "tuning.heartbeat_s=60", "tuning.pruner=none",
         "training.max_steps=3", "++tuning.search_space={model.n_heads: null}"]
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=60)
-    study = optuna.create_study(storage=storage, study_name="vishwamai")
+    stored = optuna.create_study(storage=storage, study_name="vishwamai")
     worker, started = _dead_process()
-    dead = study.ask({"training.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)})
+    dead = stored.ask({"training.optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 3e-3, log=True)})
     dead.set_user_attr("worker", worker)
     dead.set_user_attr("worker_started", started)
-    alive = study.ask()  # a live worker's trial (this process) is left alone
+    alive = stored.ask()  # a live worker's trial (this process) is left alone
     alive.set_user_attr("worker", WORKER_ID)
     alive.set_user_attr("worker_started", WORKER_STARTED)
     storage.record_heartbeat(dead._trial_id)  # fresh: the heartbeat alone would wait 180 s
 
-    summary = run(compose_config(overrides, run_dir=str(tmp_path)))
+    summary = study(compose_config(overrides, run_dir=str(tmp_path)))
     trials = stored_trials(tmp_path)
     assert trials[0].state.name == "FAIL" and "died" in trials[0].user_attrs["fail_reason"]
     assert trials[1].state.name == "RUNNING"
@@ -327,7 +347,7 @@ def test_a_study_whose_wandb_cannot_be_used_fails_before_the_first_trial(tmp_pat
     cfg = compose_config(study_overrides(tiny_overrides) + ["monitoring.enabled=true", "monitoring.wandb.enabled=true",
                                                             "tuning.num_trials=3"], run_dir=str(tmp_path))
     with pytest.raises(ConfigError) as err:
-        run(cfg)
+        study(cfg)
     assert err.value.key == "monitoring.wandb.enabled"
     assert "WANDB_API_KEY" in str(err.value) and "WANDB_MODE=offline" in str(err.value)
     assert not (tmp_path / "trials").exists() and not (tmp_path / "optuna.db").exists()
@@ -337,6 +357,6 @@ def test_a_study_on_a_missing_corpus_fails_before_the_first_trial(tmp_path, tiny
     cfg = compose_config(study_overrides(tiny_overrides) + [f"data.path={tmp_path / 'nope.txt'}"],
                          run_dir=str(tmp_path))
     with pytest.raises(Exception) as err:
-        run(cfg)
+        study(cfg)
     assert "nope.txt" in str(err.value)
     assert not (tmp_path / "trials").exists() and not (tmp_path / "optuna.db").exists()

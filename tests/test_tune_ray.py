@@ -21,7 +21,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'vishwamai[ray]'")
 
 from vishwamai.errors import ConfigError  # noqa: E402
-from vishwamai.training_v2 import compose_config, run  # noqa: E402
+from vishwamai.training_v2 import compose_config, study  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_CPUS = 2
@@ -54,7 +54,7 @@ def lrs(trial_dir: Path) -> dict[int, float]:
 def test_ray_study_asha_stops_a_bad_trial_and_records_a_failing_one(tmp_path, tiny_overrides, ray_instance):
     """Trials in order: good, bad (ASHA stops it at its first rung), failing (3 heads do not divide 64)."""
     run_dir = tmp_path / "study"
-    summary = run(compose_config(ray_overrides(
+    summary = study(compose_config(ray_overrides(
         tiny_overrides, "tuning.pruner=successive_halving", "tuning.num_trials=3",
         "++tuning.search_space={model.dropout_rate: null, training.optimizer.weight_decay: null, "
         "model.n_heads: {type: categorical, choices: [2, 3]}}",
@@ -77,7 +77,7 @@ def test_population_based_training_exploits_with_the_new_learning_rate(tmp_path,
     # Synchronous PBT, a population of 2 running together: at step 8 both have a score, so the slow
     # trial is exploited whatever the timing of the trials' start-up (asynchronous PBT compares only
     # the trials that have reported by then).
-    summary = run(compose_config(ray_overrides(
+    summary = study(compose_config(ray_overrides(
         tiny_overrides, "tuning.pruner=pbt", "tuning.num_trials=2", f"tuning.n_jobs={RAY_CPUS}",
         "training.max_steps=12", "training.eval_every_n_steps=4", "tuning.pbt.perturbation_interval=8",
         "tuning.pbt.quantile_fraction=0.5", "tuning.pbt.synch=true", "training.scheduler.warmup_steps=2",
@@ -105,20 +105,18 @@ def test_population_based_training_exploits_with_the_new_learning_rate(tmp_path,
 
 
 def test_pbt_with_optuna_or_without_perturbable_keys_is_a_config_error(tmp_path, tiny_overrides):
-    from vishwamai.tune import run_tuning
-
     with pytest.raises(ConfigError) as err:
-        run(compose_config(tiny_overrides + ["tuning.enabled=true", "tuning.pruner=pbt"], run_dir=str(tmp_path)))
+        study(compose_config(tiny_overrides + ["tuning.enabled=true", "tuning.pruner=pbt"], run_dir=str(tmp_path)))
     assert err.value.key == "tuning.pruner" and "ray" in str(err.value)
     only_heads = ray_overrides(tiny_overrides, "tuning.pruner=pbt", "training.eval_every_n_steps=4",
                                "++tuning.search_space={training.optimizer.lr: null, "
                                "model.n_heads: {type: categorical, choices: [2, 4]}}")
     with pytest.raises(ConfigError) as err:
-        run_tuning(compose_config(only_heads, run_dir=str(tmp_path)))
+        study(compose_config(only_heads, run_dir=str(tmp_path)))
     assert err.value.key == "tuning.search_space" and "perturbs only" in str(err.value)
     with pytest.raises(ConfigError) as err:
-        run(compose_config(ray_overrides(tiny_overrides, "tuning.pruner=pbt", "tuning.pbt.perturbation_interval=5"),
-                           run_dir=str(tmp_path)))
+        study(compose_config(ray_overrides(tiny_overrides, "tuning.pruner=pbt", "tuning.pbt.perturbation_interval=5"),
+                             run_dir=str(tmp_path)))
     assert err.value.key == "tuning.pbt.perturbation_interval"
     assert not (tmp_path / "trials").exists()
 
@@ -128,7 +126,7 @@ def test_pbt_with_optuna_or_without_perturbable_keys_is_a_config_error(tmp_path,
 @pytest.mark.parametrize("sampler, pruner, trials", [("tpe", "median", 3), ("random", "none", 3),
                                                      ("bohb", "none", 9)])  # BOHB's first bracket: 9 trials
 def test_ray_search_algorithms_and_schedulers(tmp_path, tiny_overrides, ray_instance, sampler, pruner, trials):
-    summary = run(compose_config(ray_overrides(
+    summary = study(compose_config(ray_overrides(
         tiny_overrides, f"tuning.sampler={sampler}", f"tuning.pruner={pruner}", f"tuning.num_trials={trials}",
         f"tuning.n_jobs={RAY_CPUS}", "tuning.pruner_startup_trials=1"), run_dir=str(tmp_path)))
     done = summary["trials"]
@@ -139,8 +137,8 @@ def test_ray_search_algorithms_and_schedulers(tmp_path, tiny_overrides, ray_inst
 
 @pytest.mark.slow
 def test_n_jobs_trials_run_concurrently(tmp_path, tiny_overrides, ray_instance):
-    run(compose_config(ray_overrides(tiny_overrides, "tuning.pruner=none", "tuning.num_trials=2",
-                                     f"tuning.n_jobs={RAY_CPUS}", "training.max_steps=40"), run_dir=str(tmp_path)))
+    study(compose_config(ray_overrides(tiny_overrides, "tuning.pruner=none", "tuning.num_trials=2",
+                                       f"tuning.n_jobs={RAY_CPUS}", "training.max_steps=40"), run_dir=str(tmp_path)))
     spans = []
     for trial in sorted((tmp_path / "trials").iterdir()):
         times = [json.loads(r)["time"] for r in (trial / "metrics.jsonl").read_text().splitlines()]

@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass, field, is_dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from vishwamai.errors import ConfigError
+from vishwamai.errors import ConfigError, NotImplementedYet
 
 
 # --------------------------------------------------------------------------- model
@@ -432,6 +432,16 @@ def register_schema() -> None:
     cs.store(group="training", name="base_training", node=TrainingConfig)
 
 
+def compose_config(overrides: Sequence[str] = (), run_dir: Optional[str] = None) -> DictConfig:
+    """The config `python -m vishwamai.training_v2 *overrides` would get, for Python callers."""
+    from hydra import compose, initialize_config_module
+
+    register_schema()
+    with initialize_config_module("vishwamai.configs", version_base="1.3"):
+        cfg = compose("default_config", overrides=list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
+    return cfg
+
+
 # ---------------------------------------------------------------------- validation
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
@@ -461,7 +471,8 @@ def check_finite(cfg: Any, schema: type = VishwamaiConfig, prefix: str = "") -> 
 
 
 def validate(cfg: DictConfig | VishwamaiConfig) -> None:
-    """Range and cross-field checks. Raises ConfigError naming the key."""
+    """Range and cross-field checks. Raises ConfigError naming the key (NotImplementedYet for a
+    combination this build does not support yet)."""
     check_finite(cfg)
     m, d, t = cfg.model, cfg.data, cfg.training
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "parallel_factor"):
@@ -570,6 +581,10 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
             _one_of(unit, "distillation.pruning.structured_targets", ("mlp", "heads"))
         _check(p.method != "structured" or len(p.structured_targets) > 0, "distillation.pruning.structured_targets",
                "must name at least one of mlp, heads with method=structured")
+        if cfg.amp.enabled and cfg.amp.opt_level == "O2":
+            # Pruning masks the model's weights after each step; under O2 the float32 masters would
+            # bring the pruned weights back at the next update.
+            raise NotImplementedYet("amp.opt_level=O2 with distillation.pruning.enabled=true (use amp.opt_level=O1)")
     q = ds.quantization
     if q.enabled:
         _check(q.precision == "int8", "distillation.quantization.precision",
@@ -676,5 +691,3 @@ def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:
            "is the shard-group size of distributed.strategy=model_parallel; leave it 1 otherwise")
 
 
-def to_container(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

@@ -4,7 +4,9 @@
 
 Reads top to bottom as the recipe: validate -> distributed -> data -> model ->
 optimizer -> callbacks (one per configured feature) -> Trainer.fit -> summary.json.
-`run(cfg)` is the same recipe for Python callers (tuning trials, KFP components).
+`run(cfg)` is the same recipe for Python callers (tuning trials, KFP components).  The command
+line chooses: `tuning.enabled=true` runs a study of such runs (vishwamai.tune.run_tuning(cfg, run)),
+anything else one run.
 """
 
 from __future__ import annotations
@@ -22,32 +24,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vishwamai.config import check_device, register_schema, validate
-from vishwamai.errors import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, ConfigError, NotImplementedYet, VishwamaiError
+from vishwamai.config import check_device, compose_config, register_schema, validate  # noqa: F401 (compose_config: public here)
+from vishwamai.errors import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, ConfigError, VishwamaiError
 
 register_schema()
-
-
-def compose_config(overrides: list[str] = (), run_dir: Optional[str] = None) -> DictConfig:
-    """The config `python -m vishwamai.training_v2 *overrides` would get, for Python callers."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("vishwamai.configs", version_base="1.3"):
-        cfg = compose("default_config", overrides=list(overrides) + ([f"run_dir={run_dir}"] if run_dir else []))
-    return cfg
-
-
-def reject_unimplemented(cfg: DictConfig) -> None:
-    """Configured features that this build does not provide yet fail loudly, never silently."""
-    pending = {
-        # Pruning masks the model's weights after each step; under O2 the float32 masters would
-        # bring the pruned weights back at the next update.
-        "amp.opt_level=O2 with distillation.pruning.enabled=true (use amp.opt_level=O1)":
-            cfg.amp.enabled and cfg.amp.opt_level == "O2" and cfg.distillation.pruning.enabled,
-    }
-    for key, requested in pending.items():
-        if requested:
-            raise NotImplementedYet(key)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,13 +95,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
 def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     """Train one model as `cfg` says; returns the summary also written to summary.json."""
-    if cfg.tuning.enabled:  # a study of many such runs instead (vishwamai/tune)
-        from vishwamai.tune import run_tuning
-
-        return run_tuning(cfg)
+    if cfg.tuning.enabled:  # never silently one run where a study was asked for
+        raise ConfigError("tuning.enabled", "run(cfg) trains one model; a study is "
+                                            "vishwamai.tune.run_tuning(cfg, run), as the command line runs it")
     validate(cfg)
     check_device(cfg)
-    reject_unimplemented(cfg)
     from vishwamai.distributed import teardown_watchdog
 
     with teardown_watchdog():  # the process group is torn down when recipe()'s objects go
@@ -209,6 +187,13 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     return summary
 
 
+def study(cfg: DictConfig) -> dict[str, Any]:
+    """tuning.enabled=true: a study whose trials each run this recipe (vishwamai/tune)."""
+    from vishwamai.tune import run_tuning
+
+    return run_tuning(cfg, run)
+
+
 def print_outcome(summary: dict[str, Any]) -> None:
     run_dir = Path(summary["run_dir"])
     print(f"\nvalidation loss {summary['final_val_loss']:.4f} nats/token "
@@ -233,7 +218,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         if launch_workers(cfg):  # distributed.world_size given without torchrun: workers ran
             return
-        summary = run(cfg)
+        summary = study(cfg) if cfg.tuning.enabled else run(cfg)
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)
         bound_failing_exit()

@@ -2,8 +2,9 @@
 
     python -m vishwamai.training_v2 tuning.enabled=true [tuning.framework=optuna|ray] [key=value ...]
 
-Each trial is an ordinary training run (training_v2.run) in RUN_DIR/trials/trial-<n>,
-with the values sampled from `tuning.search_space` applied as overrides.  The best
+The command line chooses: with `tuning.enabled=true` it calls `run_tuning(cfg, run)`, else `run(cfg)`.
+Each trial is an ordinary training run (the recipe handed in: training_v2.run) in
+RUN_DIR/trials/trial-<n>, with the values sampled from `tuning.search_space` applied as overrides.  The best
 values are written to RUN_DIR/best_overrides.yaml (see results.py).  Backends:
 optuna_backend.py (default) and ray_backend.py; katib.py renders the same search as
 a Katib Experiment.
@@ -19,7 +20,7 @@ from omegaconf import DictConfig
 
 from vishwamai.errors import ConfigError
 from vishwamai.tune.space import Param, parse_space
-from vishwamai.tune.trial import KatibStdout
+from vishwamai.tune.trial import KatibStdout, Recipe
 
 __all__ = ["build_tuning_callbacks", "preflight", "run_tuning"]
 
@@ -35,7 +36,6 @@ def preflight(cfg: DictConfig) -> list[Param]:
     from vishwamai.config import validate
     from vishwamai.data import load_token_data
     from vishwamai.monitoring import check_backends
-    from vishwamai.training_v2 import reject_unimplemented
     from vishwamai.tune.trial import trial_config
 
     validate(cfg)
@@ -48,15 +48,15 @@ def preflight(cfg: DictConfig) -> list[Param]:
 
         check_ray_study(cfg, params)
     base = trial_config(cfg, {}, Path(cfg.run_dir))
-    reject_unimplemented(base)
     check_backends(base)
     if not any(p.key.startswith("data.") for p in params):
         load_token_data(base.data)  # a missing corpus or tokenizer; the token cache then serves every trial
     return params
 
 
-def run_tuning(cfg: DictConfig, role: str = "main") -> dict[str, Any]:
-    """Run (or resume, or join) the study `cfg.tuning` describes; returns the tuning summary."""
+def run_tuning(cfg: DictConfig, recipe: Recipe, role: str = "main") -> dict[str, Any]:
+    """Run (or resume, or join) the study `cfg.tuning` describes, each trial a `recipe(trial_cfg,
+    extra_callbacks=...)` call (training_v2.run); returns the tuning summary."""
     from vishwamai.tune.results import print_results, write_results
 
     params = preflight(cfg)
@@ -64,11 +64,11 @@ def run_tuning(cfg: DictConfig, role: str = "main") -> dict[str, Any]:
     if cfg.tuning.framework == "ray":
         from vishwamai.tune.ray_backend import run_ray
 
-        result = run_ray(cfg, params, run_dir)
+        result = run_ray(cfg, params, run_dir, recipe)
     else:
         from vishwamai.tune.optuna_backend import run_optuna
 
-        result = run_optuna(cfg, params, run_dir, role)
+        result = run_optuna(cfg, params, run_dir, recipe, role)
     if role != "main":
         return {"trials": len(result.trials)}
     summary = write_results(result, run_dir)

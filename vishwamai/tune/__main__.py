@@ -14,19 +14,19 @@ import sys
 from omegaconf import OmegaConf
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.errors import VishwamaiError
+from vishwamai.errors import EXIT_NON_RETRYABLE, VishwamaiError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vishwamai.tune")
     parser.add_argument("--worker", required=True, metavar="CONFIG", help="resolved config written by the main process")
     args = parser.parse_args(argv)
-    from vishwamai.training_v2 import EXIT_NON_RETRYABLE
+    from vishwamai.training_v2 import run  # an entry point, like training_v2's own: it hands the recipe down
     from vishwamai.tune import run_tuning
 
     cfg = OmegaConf.merge(OmegaConf.structured(VishwamaiConfig), OmegaConf.load(args.worker))
     try:
-        run_tuning(cfg, role="worker")
+        run_tuning(cfg, run, role="worker")
     except VishwamaiError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_RETRYABLE

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="trial container image")
     parser.add_argument("overrides", nargs="*", help="config overrides (also passed to every trial)")
     args = parser.parse_args(argv)
-    from vishwamai.training_v2 import compose_config
+    from vishwamai.config import compose_config
 
     cfg = compose_config(args.overrides, run_dir="/tmp/vishwamai/run")
     text = render(cfg, args.overrides, args.image)

@@ -32,8 +32,8 @@ from vishwamai.errors import ConfigError, NotImplementedYet
 from vishwamai.tune.results import StudyResult, TrialRecord
 from vishwamai.tune.space import Param, apply_overrides
 from vishwamai.tune.tracking import StudyRun
-from vishwamai.tune.trial import (WORKER_ID, WORKER_STARTED, Reporter, failure_reason, objective_value,
-                                  run_trial, trial_config, worker_is_gone)
+from vishwamai.tune.trial import (WORKER_ID, WORKER_STARTED, Recipe, Reporter, failure_reason, objective_value,
+                                  trial_config, worker_is_gone)
 
 # A writer waits this long for sqlite's lock instead of failing at once (parallel workers).
 SQLITE_TIMEOUT_S = 120
@@ -159,11 +159,11 @@ def _space_signature(params: list[Param]) -> dict:
 
 
 class OptunaStudy:
-    def __init__(self, cfg: DictConfig, params: list[Param], run_dir: Path):
+    def __init__(self, cfg: DictConfig, params: list[Param], run_dir: Path, recipe: Recipe):
         import optuna
 
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        self.cfg, self.params, self.run_dir = cfg, params, run_dir
+        self.cfg, self.params, self.run_dir, self.recipe = cfg, params, run_dir, recipe
         self.tu = cfg.tuning
         self.url = storage_url(cfg, run_dir)
         if self.url.startswith("sqlite:///"):
@@ -223,7 +223,7 @@ class OptunaStudy:
             if resume_from:
                 trial_cfg.training.resume = resume_from
                 trial.set_user_attr("resumed_from", resume_from)
-            summary = run_trial(trial_cfg, [reporter])
+            summary = self.recipe(trial_cfg, extra_callbacks=[reporter])
             if reporter.stopped_at is not None:
                 trial.set_user_attr("pruned_at_step", reporter.stopped_at)
                 raise optuna.TrialPruned(f"pruned at step {reporter.stopped_at}")
@@ -342,8 +342,9 @@ def wait_workers(workers: list[subprocess.Popen]) -> None:
                   "its unfinished trial is retried by heartbeat", file=sys.stderr)
 
 
-def run_optuna(cfg: DictConfig, params: list[Param], run_dir: Path, role: str = "main") -> StudyResult:
-    return OptunaStudy(cfg, params, run_dir).run(role)
+def run_optuna(cfg: DictConfig, params: list[Param], run_dir: Path, recipe: Recipe,
+               role: str = "main") -> StudyResult:
+    return OptunaStudy(cfg, params, run_dir, recipe).run(role)
 
 
 def load_study(storage: str, study_name: str):

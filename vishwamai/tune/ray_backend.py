@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vishwamai.errors import ConfigError
 from vishwamai.tune.results import StudyResult, TrialRecord
 from vishwamai.tune.space import Param
-from vishwamai.tune.trial import Reporter, TrialFailed, failure_reason, objective_value, run_trial, trial_config
+from vishwamai.tune.trial import Recipe, Reporter, TrialFailed, failure_reason, objective_value, trial_config
 
 INSTALL_HINT = "pip install 'vishwamai[ray]'"
 
@@ -91,7 +91,8 @@ def _trial_id(ray, tune) -> str:
     return get_context().get_trial_id()
 
 
-def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri: str | None) -> None:
+def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri: str | None,
+               recipe: Recipe) -> None:
     """One Ray trial (runs in a Ray worker process).  Started again by Ray with a checkpoint (PBT's
     exploit, or a restored study) it resumes from that checkpoint; otherwise from its own run dir's."""
     from vishwamai.config import VishwamaiConfig
@@ -124,7 +125,7 @@ def _trainable(values: dict[str, Any], *, base: dict, run_dir: str, tracking_uri
         if restored:
             pbt.restore_from(Path(restored), trial_cfg, trial_id, values, Path(run_dir))
         try:
-            summary = run_trial(trial_cfg, callbacks)
+            summary = recipe(trial_cfg, extra_callbacks=callbacks)
             objective_value(summary, metric)  # raises on a non-finite result
         except Exception as e:  # noqa: BLE001 - Ray records the trial as errored; its reason as a plain
             raise TrialFailed(failure_reason(e)) from None  # exception (Ray copies it; ours need arguments)
@@ -188,7 +189,7 @@ def _search(tu: DictConfig):
     return OptunaSearch(sampler=sampler, points_to_evaluate=points)
 
 
-def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
+def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path, recipe: Recipe) -> StudyResult:
     ray, tune = require_ray()
     from vishwamai.tune.tracking import tracking_uri
 
@@ -204,7 +205,7 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path) -> StudyResult:
                  **({"include_dashboard": False} if local else {}))
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
-                             tracking_uri=tracking_uri(cfg, run_dir)),
+                             tracking_uri=tracking_uri(cfg, run_dir), recipe=recipe),  # pickled by name
         {"cpu": tu.ray_cpus_per_trial, "gpu": tu.ray_gpus_per_trial})
     # tuning.storage: Ray's storage_path (a folder or an s3:// / gs:// URI); default RUN_DIR/ray.
     storage = tu.storage or str(run_dir / "ray")

@@ -1,8 +1,10 @@
 """One trial = one ordinary training run with overrides, plus callbacks that report its metric.
 
 Backends differ only in how a value is reported and how a trial is stopped; the
-run itself is always `training_v2.run(trial_cfg, extra_callbacks=[reporter])` in
-RUN_DIR/trials/trial-<n>, so a trial's directory looks like any other run's.
+run itself is always `recipe(trial_cfg, extra_callbacks=[reporter])` in
+RUN_DIR/trials/trial-<n>, so a trial's directory looks like any other run's.  The recipe
+(training_v2.run) is handed to the study by its caller: tuning sits above the recipe and
+never imports the training entry point (which imports tuning to choose a study).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from omegaconf import DictConfig
 
 from vishwamai.train.events import Callback
 from vishwamai.tune.space import apply_overrides
+
+# What a trial runs: `recipe(trial_cfg, extra_callbacks=[...])` trains one model and returns its
+# summary (training_v2.run).
+Recipe = Callable[..., dict[str, Any]]
 
 # tuning.metric -> the trainer.metrics entry set at each evaluation.
 METRICS = {"validation_loss": "val_loss", "validation_perplexity": "val_perplexity"}
@@ -64,12 +70,6 @@ def trial_config(cfg: DictConfig, values: dict[str, Any], run_dir: Path,
         # Otherwise each trial would default to its own RUN_DIR/mlflow.db, away from the study's run.
         trial.monitoring.mlflow.tracking_uri = tracking_uri
     return trial
-
-
-def run_trial(trial_cfg: DictConfig, callbacks: list[Callback]) -> dict[str, Any]:
-    from vishwamai.training_v2 import run
-
-    return run(trial_cfg, extra_callbacks=callbacks)
 
 
 def objective_value(summary: dict[str, Any], metric: str) -> float:
