@@ -35,10 +35,10 @@ FIXED = ("tuning.enqueue_trials=[{training.optimizer.lr: 3e-3, training.optimize
 
 
 def study(overrides: list[str], run_dir: Path) -> tuple[float, dict]:
-    from vishwamai.training_v2 import compose_config, run
+    from vishwamai import training_v2
 
     start = time.perf_counter()
-    summary = run(compose_config(TINY + overrides, run_dir=str(run_dir)))
+    summary = training_v2.study(training_v2.compose_config(TINY + overrides, run_dir=str(run_dir)))
     return time.perf_counter() - start, summary
 
 

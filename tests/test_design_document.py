@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from vishwamai.training_v2 import compose_config, run
+from vishwamai.training_v2 import compose_config, run, study
 
 # Only sizes: the tiny model (conftest.TINY_OVERRIDES) and a handful of steps.
 STEPS = ["training.max_steps=4", "training.eval_every_n_steps=2"]
@@ -41,7 +41,7 @@ def run_with(tmp_path: Path, overrides: list[str], block: dict | None = None, na
     cfg = compose_config(overrides, run_dir=str(tmp_path / name))
     if block is not None:
         cfg.merge_with(block)  # the schema is struct: an unknown key in the block fails here
-    return run(cfg)
+    return study(cfg) if cfg.tuning.enabled else run(cfg)  # as the command line chooses
 
 
 @pytest.fixture
