@@ -689,5 +689,3 @@ def _validate_distributed(cfg: DictConfig | VishwamaiConfig) -> None:
            ddp_only)
     _check(cfg.model.parallel_factor == 1 or dd.strategy == "model_parallel", "model.parallel_factor",
            "is the shard-group size of distributed.strategy=model_parallel; leave it 1 otherwise")
-
-

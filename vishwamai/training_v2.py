@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vishwamai.config import check_device, compose_config, register_schema, validate  # noqa: F401 (compose_config: public here)
+from vishwamai.config import check_device, register_schema, validate
+from vishwamai.config import compose_config  # noqa: F401 - public here too (tests, components, notebooks)
 from vishwamai.errors import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, ConfigError, VishwamaiError
 
 register_schema()
@@ -96,8 +97,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
 def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     """Train one model as `cfg` says; returns the summary also written to summary.json."""
     if cfg.tuning.enabled:  # never silently one run where a study was asked for
-        raise ConfigError("tuning.enabled", "run(cfg) trains one model; a study is "
-                                            "vishwamai.tune.run_tuning(cfg, run), as the command line runs it")
+        raise ConfigError("tuning.enabled", "run(cfg) trains one model; run a study with study(cfg), "
+                                            "as the command line does")
     validate(cfg)
     check_device(cfg)
     from vishwamai.distributed import teardown_watchdog
