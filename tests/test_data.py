@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vishwamai.config import DataConfig
-from vishwamai.data import ByteTokenizer, SequenceSampler, load_token_data
+from vishwamai.data import ByteTokenizer, PrefetchingSampler, SequenceSampler, load_token_data
 from vishwamai.errors import ConfigError, DataError
 
 
@@ -132,6 +132,59 @@ def test_each_epoch_visits_every_window_once():
     assert sampler.epoch == 1
 
 
+# ------------------------------------------------------------------ read ahead
+def _step(sampler, batch_size: int, micro: int):
+    """What the training loop does per step: take the ids, gather them micro-batch by micro-batch."""
+    ids = sampler.window_ids(batch_size)
+    return ids, [sampler.gather(chunk) for chunk in ids.split(micro)]
+
+
+def test_read_ahead_gives_the_plain_samplers_batches_and_state_across_epochs():
+    tokens = np.arange(1001, dtype=np.uint16)  # 100 windows: several epoch boundaries below
+    plain = SequenceSampler(tokens, 10, seed=5)
+    for depth in (1, 3):
+        plain.load_state_dict({"epoch": 0, "cursor": 0, "seed": 5})
+        ahead = PrefetchingSampler(SequenceSampler(tokens, 10, seed=5), depth)
+        for _ in range(60):
+            ids, batches = _step(ahead, 7, 3)
+            assert torch.equal(ids, plain.window_ids(7))
+            for (x, y), chunk in zip(batches, ids.split(3)):
+                px, py = plain.gather(chunk)
+                assert torch.equal(x, px) and torch.equal(y, py)
+            assert ahead.state_dict() == plain.state_dict()  # the next unread window, not the next read one
+        assert ahead.hits == 59 and ahead.misses == 1  # every step after the first was read ahead
+        ahead.close()
+
+
+def test_read_ahead_state_resumes_exactly_without_skipping_windows_read_ahead():
+    tokens = np.arange(2001, dtype=np.uint16)
+    ahead = PrefetchingSampler(SequenceSampler(tokens, 10, seed=2), depth=2)
+    for _ in range(13):
+        _step(ahead, 6, 6)
+    saved = ahead.state_dict()  # two further steps have been read ahead by now
+    expected = [_step(ahead, 6, 6)[0] for _ in range(40)]
+    resumed = PrefetchingSampler(SequenceSampler(tokens, 10, seed=0), depth=2)
+    resumed.load_state_dict(saved)
+    for want in expected:
+        assert torch.equal(_step(resumed, 6, 6)[0], want)
+    ahead.close()
+    resumed.close()
+
+
+def test_a_changed_batch_size_or_a_redone_step_drops_or_reuses_the_read_ahead_correctly():
+    tokens = np.arange(3001, dtype=np.uint16)
+    plain = SequenceSampler(tokens, 10, seed=9)
+    ahead = PrefetchingSampler(SequenceSampler(tokens, 10, seed=9), depth=1)
+    for batch_size in (8, 8, 4, 4, 12, 8):  # dynamic batch sizing changes it between steps
+        ids = ahead.window_ids(batch_size)
+        assert torch.equal(ids, plain.window_ids(batch_size))
+        for micro in (batch_size, 2):  # a step redone with a smaller micro-batch (out of memory)
+            rows = [ahead.gather(chunk)[0] for chunk in ids.split(micro)]
+            assert torch.equal(torch.cat(rows), plain.gather(ids)[0])
+    assert ahead.misses == 4 and ahead.hits == 2  # the first step and each change of size
+    ahead.close()
+
+
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
 def test_reading_windows_keeps_none_of_the_token_file_resident(tmp_path):
     """RSS follows the batch, not the corpus: the token file is never mapped into the process
@@ -228,3 +281,28 @@ def test_cli_on_a_binary_corpus_exits_2_naming_the_file_without_a_traceback(tmp_
                       "monitoring.enabled=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{elf}: a binary file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "17"])
+def test_data_prefetch_out_of_range_is_a_config_error_naming_it(value):
+    from vishwamai.config import validate
+    from vishwamai.training_v2 import compose_config
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([f"data.prefetch={value}"], run_dir="/tmp/x"))
+    assert err.value.key == "data.prefetch"
+
+
+def test_training_with_read_ahead_is_bitwise_the_run_without(tmp_path, tiny_overrides):
+    """The real loop (micro-batches, evaluation): the same loss at every step with and without read ahead."""
+    from vishwamai.training_v2 import compose_config, run
+
+    losses = {}
+    for depth in (0, 2):
+        run_dir = tmp_path / f"prefetch{depth}"
+        run(compose_config(tiny_overrides + ["training.device=cpu", "training.num_threads=1", "training.max_steps=6",
+                                             "training.gradient_accumulation_steps=2", f"data.prefetch={depth}",
+                                             f"data.cache_dir={tmp_path / 'cache'}"], run_dir=str(run_dir)))
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[depth] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    assert len(losses[0]) == 6 and losses[2] == losses[0]

@@ -64,6 +64,9 @@ class DataConfig:
     cache_dir: Optional[str] = None
     # Cap on the embedded corpus, in bytes.
     embedded_max_bytes: int = 3_000_000
+    # Steps of training windows read ahead by a background thread while the current step runs
+    # (pinned memory on CUDA); 0 = read in the loop. Resume stays exact (vishwamai/data/prefetch.py).
+    prefetch: int = 1
 
 
 # ------------------------------------------------------------------------ training
@@ -491,6 +494,7 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
     _check(d.seq_len <= m.max_seq_len, "data.seq_len",
            f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(0.0 < d.val_fraction < 0.5, "data.val_fraction", f"must be in (0, 0.5), got {d.val_fraction}")
+    _check(0 <= d.prefetch <= 16, "data.prefetch", f"must be in [0, 16] (steps read ahead; 0 = off), got {d.prefetch}")
 
     _check(t.max_steps > 0, "training.max_steps", f"must be > 0, got {t.max_steps}")
     _check(t.batch_size > 0, "training.batch_size", f"must be > 0, got {t.batch_size}")

@@ -109,7 +109,7 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
 
 def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     """The recipe itself, on a validated config."""
-    from vishwamai.data import SequenceSampler, load_token_data
+    from vishwamai.data import load_token_data, train_sampler
     from vishwamai.distributed import build_parallelism
     from vishwamai.model import build_model, check_fits
     from vishwamai.train import Trainer
@@ -153,7 +153,7 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     optimizer = parallel.wrap_optimizer(build_optimizer(precision.optimizer_params(model.parameters()),
                                                         t.optimizer))
     scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)
-    sampler = SequenceSampler(data.train, cfg.data.seq_len, t.seed, parallel.rank, parallel.world_size)
+    sampler = train_sampler(data.train, cfg.data, t.seed, parallel.rank, parallel.world_size, device)
     trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, precision,
                       parallel, device, build_callbacks(cfg, run_dir) + list(extra_callbacks))
     if t.resume:  # before on_train_start: every callback starts from the restored state

@@ -196,32 +196,45 @@ class SequenceSampler:
         if self.num_windows < world_size:
             raise DataError(f"{self.num_windows} windows of {seq_len} tokens cannot be split over {world_size} ranks")
         self.epoch, self.cursor = 0, 0
-        self._order: Optional[torch.Tensor] = None
+        self._orders: dict[int, torch.Tensor] = {}  # epoch -> window order (this epoch and a peeked next one)
 
-    def _epoch_order(self) -> torch.Tensor:
-        if self._order is None:
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed + self.epoch)
-                self._order = torch.randperm(self.num_windows, generator=g)
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.num_windows, generator=g)
             else:
-                self._order = torch.arange(self.num_windows)
-        return self._order
+                order = torch.arange(self.num_windows)
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # at most two kept
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
-    def _take(self, count: int) -> torch.Tensor:
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, cursor): the next unread window."""
+        return self.epoch, self.cursor
+
+    def _ids_from(self, position: tuple[int, int], count: int) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The `count` window ids read from `position` on, and the position after them (nothing changes)."""
+        epoch, cursor = position
         taken = []
         while count > 0:
-            order = self._epoch_order()
-            chunk = order[self.cursor: self.cursor + count]
+            chunk = self._epoch_order(epoch)[cursor: cursor + count]
             taken.append(chunk)
-            self.cursor += len(chunk)
+            cursor += len(chunk)
             count -= len(chunk)
-            if self.cursor >= self.num_windows:
-                self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
-        return torch.cat(taken)
+            if cursor >= self.num_windows:
+                epoch, cursor = epoch + 1, 0
+        return torch.cat(taken), (epoch, cursor)
+
+    def peek_window_ids(self, batch_size: int, position: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """What `window_ids(batch_size)` would return at `position`, and the position after it (read ahead)."""
+        ids, after = self._ids_from(position, batch_size * self.world_size)
+        return ids[self.rank * batch_size: (self.rank + 1) * batch_size], after
 
     def window_ids(self, batch_size: int) -> torch.Tensor:
-        ids = self._take(batch_size * self.world_size)
-        return ids[self.rank * batch_size: (self.rank + 1) * batch_size]
+        ids, (self.epoch, self.cursor) = self.peek_window_ids(batch_size, self.position)
+        return ids
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gather(self.window_ids(batch_size))
@@ -237,7 +250,7 @@ class SequenceSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        self._order = None
+        self._orders = {}
 
 
 def eval_batches(tokens: Tokens, seq_len: int, batch_size: int, max_batches: int,
