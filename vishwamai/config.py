@@ -112,6 +112,9 @@ class TrainingConfig:
     # torch.compile's mode. On 2 CPU cores (tiny model) max-autotune-no-cudagraphs measured 1.15x over
     # eager vs 1.08x for default; it compiles for longer. reduce-overhead / max-autotune: CUDA graphs.
     compile_mode: str = "default"
+    # Recompute each transformer block's activations in the backward instead of keeping them
+    # (torch.utils.checkpoint per block): less memory for about one more forward, the same losses.
+    activation_checkpointing: bool = False
     # Intra-op CPU threads; null = torch's default.
     num_threads: Optional[int] = None
     # cpu | cuda | auto

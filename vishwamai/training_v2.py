@@ -143,7 +143,7 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     seed_everything(t.seed)
-    model = build_model(cfg.model, device, check_memory=False)
+    model = build_model(cfg.model, device, check_memory=False, activation_checkpointing=t.activation_checkpointing)
     if t.init_from:
         load_weights_into(model, t.init_from)
     precision = Precision(cfg.amp, device)

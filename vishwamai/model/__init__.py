@@ -58,9 +58,10 @@ def check_fits(cfg: ModelConfig, device: torch.device, shards: int = 1) -> None:
         )
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", check_memory: bool = True) -> Transformer:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", check_memory: bool = True,
+                activation_checkpointing: bool = False) -> Transformer:
     device = torch.device(device)
     if check_memory:
         check_fits(cfg, device)
     with torch.device(device):
-        return Transformer(cfg)
+        return Transformer(cfg, activation_checkpointing)

@@ -8,6 +8,13 @@ SwiGLU MLP, optionally tied input/output embeddings, optional q/k/v biases (Qwen
 Rotary embeddings rotate the two halves of each head (HF Llama's rotate_half), so Hugging
 Face Llama/Mistral/Qwen2 weights load without permuting q/k (vishwamai/hf).
 
+Activation checkpointing (`activation_checkpointing=True`, from training.activation_checkpointing):
+each block's activations are dropped after its forward and recomputed in the backward
+(`torch.utils.checkpoint`, non-reentrant, RNG state preserved: the same losses and gradients),
+so only the blocks' inputs are kept - less memory for about one more forward.  The block is
+called whole inside the checkpoint, so an FSDP2 `fully_shard(block)` gathers its weights again
+for the recomputation, as torchtitan's per-block checkpointing does.
+
 `forward` returns logits only by default.  Distillation asks for per-layer hidden
 states and attention maps with `output_hidden_states` / `output_attentions`; only
 then is the attention computed explicitly (SDPA never materialises the map), so the
@@ -23,6 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vishwamai.config import ModelConfig
 
@@ -134,9 +142,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False):
         super().__init__()
         self.config = cfg
+        # A training choice, not part of the architecture (not in ModelConfig, not saved): set freely.
+        self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout_rate)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -176,8 +186,12 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=x)  # logits filled in below
         if output_hidden_states:
             out.hidden_states.append(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, attn = block(x, self.rope_cos, self.rope_sin, output_attentions)
+            if recompute:
+                x, attn = checkpoint(block, x, self.rope_cos, self.rope_sin, output_attentions, use_reentrant=False)
+            else:
+                x, attn = block(x, self.rope_cos, self.rope_sin, output_attentions)
             if output_hidden_states:
                 out.hidden_states.append(x)
             if output_attentions:
