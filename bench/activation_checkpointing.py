@@ -92,9 +92,9 @@ def main() -> None:
             memory_key = "peak_cuda_mb"
         off, on = ({k: median([r[k] for r in runs[f]]) for k in runs[f][0]} for f in (False, True))
         seq, batch, warmup, steps = SHAPES[model]
-        lines.append(f"| {model} (seq {seq}, batch {batch}, {steps} steps) | {off[memory_key]:,.0f} | "
-                     f"{on[memory_key]:,.0f} | **{on[memory_key] / off[memory_key]:.2f}x** | {off['tokens_per_s']:,.0f} | "
-                     f"{on['tokens_per_s']:,.0f} | **{on['tokens_per_s'] / off['tokens_per_s']:.2f}x** |")
+        mem, tps = (off[memory_key], on[memory_key]), (off["tokens_per_s"], on["tokens_per_s"])
+        lines.append(f"| {model} (seq {seq}, batch {batch}, {steps} steps) | {mem[0]:,.0f} | {mem[1]:,.0f} | "
+                     f"**{mem[1] / mem[0]:.2f}x** | {tps[0]:,.0f} | {tps[1]:,.0f} | **{tps[1] / tps[0]:.2f}x** |")
     what = "peak CUDA MB allocated" if memory_key == "peak_cuda_mb" else "peak RSS MB (whole process)"
     header = [f"| model | {what}, off | on | memory ratio | tokens/s, off | on | speed ratio |",
               "|---|---|---|---|---|---|---|"]

@@ -92,7 +92,8 @@ def drop_page_cache(cache_dir: Path) -> None:
 
 def trainer(shape: list[str], prefetch: int, steps: int, text: Path) -> dict:
     cache = TMP / "cache"
-    overrides = [*shape, f"data.path={text}", f"data.cache_dir={cache}", "data.seq_len=256", f"data.prefetch={prefetch}",
+    overrides = [*shape, f"data.path={text}", f"data.cache_dir={cache}", "data.seq_len=256",
+                 f"data.prefetch={prefetch}",
                  f"training.max_steps={steps + WARMUP + 1}", "training.eval_every_n_steps=0",
                  "training.eval_batches=1", "training.progress_bar=false", "training.device=cpu",
                  "training.num_threads=1", "monitoring.enabled=false", "checkpointing.save_best=false"]
