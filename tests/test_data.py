@@ -306,3 +306,16 @@ def test_training_with_read_ahead_is_bitwise_the_run_without(tmp_path, tiny_over
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[depth] = [(r["step"], r["loss"]) for r in records if "loss" in r]
     assert len(losses[0]) == 6 and losses[2] == losses[0]
+
+
+def test_closing_the_read_ahead_joins_its_reader_thread():
+    import threading
+
+    before = set(threading.enumerate())  # other tests' samplers may still have theirs
+    ahead = PrefetchingSampler(SequenceSampler(np.arange(1001, dtype=np.uint16), 10, seed=0), depth=2)
+    ahead.window_ids(4)
+    readers = [t for t in set(threading.enumerate()) - before if t.name.startswith("vishwamai-read-ahead")]
+    assert len(readers) == 1
+    ahead.close()
+    assert not readers[0].is_alive()
+    ahead.close()  # idempotent: the Trainer may close what a test already closed

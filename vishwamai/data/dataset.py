@@ -252,6 +252,9 @@ class SequenceSampler:
         self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
         self._orders = {}
 
+    def close(self) -> None:
+        """Nothing to release (the token file belongs to TokenData); PrefetchingSampler's joins its reader."""
+
 
 def eval_batches(tokens: Tokens, seq_len: int, batch_size: int, max_batches: int,
                  rank: int = 0, world_size: int = 1):
