@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from vishwamai.checkpoint import find_model_dir, load_model
-from vishwamai.checkpoint.manager import SAVE_DELAY_ENV
 from vishwamai.checkpoint.manifest import MANIFEST_FILE, sha256_of, verify
 from vishwamai.errors import CheckpointError, ConfigError
 from vishwamai.train.events import Callback
@@ -47,10 +46,15 @@ def _latest(run_dir: Path) -> str:
     return (run_dir / "checkpoints" / "latest").read_text().strip()
 
 
-def _cli(overrides: list[str], run_dir: Path, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+SLOW_DISK = str(Path(__file__).parent / "slow_disk.py")
+
+
+def _cli(overrides: list[str], run_dir: Path, save_delay_s: float = 0.0) -> subprocess.Popen:
+    """The training CLI; with `save_delay_s`, on a slow disk (tests/slow_disk.py) so a kill lands mid-save."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "vishwamai.training_v2", *overrides, f"hydra.run.dir={run_dir}"],
+    entry = [SLOW_DISK, str(save_delay_s)] if save_delay_s else ["-m", "vishwamai.training_v2"]
+    return subprocess.Popen([sys.executable, *entry, *overrides, f"hydra.run.dir={run_dir}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -83,7 +87,7 @@ def test_kill_9_during_a_save_then_resume_is_bitwise_identical(tmp_path, tiny_ov
     run_dir = tmp_path / "killed"
     ckpts = run_dir / "checkpoints"
     # Every save pauses (files written, not yet published) so the kill lands inside the step-8 save.
-    proc = _cli(overrides, run_dir, {SAVE_DELAY_ENV: "1.0"})
+    proc = _cli(overrides, run_dir, save_delay_s=1.0)
     try:
         _wait_for(lambda: (ckpts / "latest").is_file() and (ckpts / ".tmp-step-8").is_dir()
                   and any((ckpts / ".tmp-step-8").iterdir()), proc)

@@ -288,9 +288,9 @@ def test_a_refused_trainer_state_never_suggests_weights_only_false(tmp_path, tin
 UNSHARE_TMPFS = """
 set -e
 mount -t tmpfs -o size=64m tmpfs "$DISK"
-"$PYTHON" -m vishwamai.training_v2 "$@" hydra.run.dir="$DISK/run" > "$DISK/../out.txt" 2> "$DISK/../err.txt" &
+"$PYTHON" "$SLOW_DISK" 2 "$@" hydra.run.dir="$DISK/run" > "$DISK/../out.txt" 2> "$DISK/../err.txt" &
 pid=$!
-# Wait until the first save has written its files (it then pauses, VISHWAMAI_CHECKPOINT_TEST_DELAY_S),
+# Wait until the first save has written its files (it then pauses: tests/slow_disk.py),
 # then fill the disk: the save's last writes fail with ENOSPC.
 for i in $(seq 1 600); do
   if [ -n "$(ls -A "$DISK/run/checkpoints/.tmp-step-2" 2>/dev/null)" ]; then break; fi
@@ -318,7 +318,7 @@ def test_a_full_disk_says_no_space_left_on_device_naming_the_checkpoint(tmp_path
     import subprocess
     import sys
 
-    from vishwamai.checkpoint.manager import SAVE_DELAY_ENV
+    SLOW_DISK = str(Path(__file__).parent / "slow_disk.py")  # the CLI on a slow disk
 
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("needs unshare (user + mount namespaces) to mount a small tmpfs without root")
@@ -326,7 +326,7 @@ def test_a_full_disk_says_no_space_left_on_device_naming_the_checkpoint(tmp_path
     disk.mkdir()
     overrides = tiny_overrides + CKPT + ["training.max_steps=4", "checkpointing.every_n_steps=2",
                                          f"data.cache_dir={tmp_path / 'cache'}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", SAVE_DELAY_ENV: "2", "DISK": str(disk), "PYTHON": sys.executable}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DISK": str(disk), "PYTHON": sys.executable, "SLOW_DISK": SLOW_DISK}
     subprocess.run(["unshare", "-rm", "bash", "-c", UNSHARE_TMPFS, "bash", *overrides], env=env, timeout=300,
                    check=True)
     stderr = (tmp_path / "err.txt").read_text()
@@ -343,7 +343,7 @@ def test_training_goes_on_during_a_background_save_and_a_kill_then_leaves_the_pr
     import sys
     import time
 
-    from vishwamai.checkpoint.manager import SAVE_DELAY_ENV
+    SLOW_DISK = str(Path(__file__).parent / "slow_disk.py")  # the CLI on a slow disk
     from vishwamai.checkpoint.manifest import verify
     from vishwamai.training_v2 import compose_config, run
 
@@ -357,9 +357,9 @@ def test_training_goes_on_during_a_background_save_and_a_kill_then_leaves_the_pr
         return [json.loads(line)["step"] for line in lines if line.endswith("}")]
 
     # Every write pauses 3 s between its files and its publication (a slow disk).
-    proc = subprocess.Popen([sys.executable, "-m", "vishwamai.training_v2", *overrides, f"hydra.run.dir={run_dir}"],
+    proc = subprocess.Popen([sys.executable, SLOW_DISK, "3", *overrides, f"hydra.run.dir={run_dir}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", SAVE_DELAY_ENV: "3"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 120
         # Kill while step-8 is being written and training has already moved past step 8.

@@ -203,9 +203,8 @@ def test_a_killed_rank_fails_the_job_within_seconds(tmp_path, tiny_overrides):
 
 WATCHDOG_SCRIPT = """
 import sys, time
-from vishwamai.distributed import arm_teardown_watchdog, teardown_watchdog
-with teardown_watchdog():
-    arm_teardown_watchdog(limit_s=1.0)
+from vishwamai.distributed import bounded_teardown
+with bounded_teardown(limit_s=1.0):
     if sys.argv[1] == "stuck":
         time.sleep(30)  # stands in for a teardown that never returns
 time.sleep(2)  # past the limit: a disarmed watchdog no longer fires

@@ -73,22 +73,20 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from vishwamai.checkpoint import build_checkpointing
     from vishwamai.distill import build_distillation
     from vishwamai.compress import build_compression
-    from vishwamai.distributed import build_distributed_callbacks
+    from vishwamai.distributed.report import DistributedReport
     from vishwamai.generate import build_sampling
     from vishwamai.monitoring import build_monitoring
     from vishwamai.tune import build_tuning_callbacks
 
+    # The Trainer runs them by their declared phase (Callback.order: features, checkpoint, then
+    # loggers and reports); within a phase, in this order.
     callbacks = []
-    callbacks += build_dynamic_batch(cfg)  # first: its on_step_end adds metrics the loggers write
+    callbacks += build_dynamic_batch(cfg)
     callbacks += build_distillation(cfg)  # loads and checks the teacher(s) before training starts
-    # Before checkpointing: a checkpoint holds the pruning masks and masked weights; at the end,
-    # RUN_DIR/pruned/ and RUN_DIR/quantized/ are written and their figures join the summary.
-    callbacks += build_compression(cfg, run_dir)
-    # After the features (a checkpoint holds their end-of-step state), before the loggers
-    # (they write the step's checkpoint_save_s).
+    callbacks += build_compression(cfg, run_dir)  # pruning, then quantization of its result
     callbacks += build_checkpointing(cfg, run_dir)
     callbacks += build_monitoring(cfg, run_dir)
-    callbacks += build_distributed_callbacks(cfg)
+    callbacks.append(DistributedReport())
     callbacks += build_tuning_callbacks(cfg)  # Katib's name=value lines
     callbacks += build_sampling(cfg)  # training.sample_prompt: a sample of the trained model's text
     return callbacks
@@ -101,20 +99,14 @@ def run(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
                                             "as the command line does")
     validate(cfg)
     check_device(cfg)
-    from vishwamai.distributed import teardown_watchdog
-
-    with teardown_watchdog():  # the process group is torn down when recipe()'s objects go
-        return recipe(cfg, extra_callbacks)
+    return recipe(cfg, extra_callbacks)
 
 
 def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
     """The recipe itself, on a validated config."""
-    from vishwamai.data import load_token_data, train_sampler
+    from vishwamai.data import load_token_data
     from vishwamai.distributed import build_parallelism
-    from vishwamai.model import build_model, check_fits
-    from vishwamai.train import Trainer
-    from vishwamai.train.optim import build_optimizer, build_scheduler
-    from vishwamai.train.precision import Precision
+    from vishwamai.model import check_fits
     from vishwamai.distill.student_init import adopt_teacher_shape
     from vishwamai.hf import adopt_model_tokenizer
 
@@ -142,6 +134,32 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
+    with build_trainer(cfg, parallel, data, device, run_dir, extra_callbacks) as trainer:  # close()s the run
+        if t.resume:  # before on_train_start: every callback starts from the restored state
+            from vishwamai.checkpoint import resume
+
+            resume(trainer, t.resume, run_dir)
+        trainer.fit()
+        summary = run_summary(trainer, data, run_dir, wall_start)
+        if parallel.is_main:
+            from vishwamai.monitoring import finish_monitoring
+
+            summary.update(finish_monitoring(cfg, run_dir, summary))  # report.png/.md, summary into MLflow
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def build_trainer(cfg: DictConfig, parallel, data, device: torch.device, run_dir: Path,
+                  extra_callbacks: list = ()):
+    """Model -> precision -> wrapping -> optimizer -> schedule -> sampler -> callbacks, owned by one Trainer
+    (nothing else keeps the wrapped model: Trainer.close() releases it before the process group)."""
+    from vishwamai.data import train_sampler
+    from vishwamai.model import build_model
+    from vishwamai.train import Trainer
+    from vishwamai.train.optim import build_optimizer, build_scheduler
+    from vishwamai.train.precision import Precision
+
+    t = cfg.training
     seed_everything(t.seed)
     model = build_model(cfg.model, device, check_memory=False, activation_checkpointing=t.activation_checkpointing)
     if t.init_from:
@@ -154,16 +172,13 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
                                                         t.optimizer))
     scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)
     sampler = train_sampler(data.train, cfg.data, t.seed, parallel.rank, parallel.world_size, device)
-    trainer = Trainer(cfg, model, optimizer, scheduler, sampler, data.val, precision,
-                      parallel, device, build_callbacks(cfg, run_dir) + list(extra_callbacks))
-    if t.resume:  # before on_train_start: every callback starts from the restored state
-        from vishwamai.checkpoint import resume
+    return Trainer(cfg, model, optimizer, scheduler, sampler, data.val, precision,
+                   parallel, device, build_callbacks(cfg, run_dir) + list(extra_callbacks))
 
-        resume(trainer, t.resume, run_dir)
-    trainer.fit()
 
+def run_summary(trainer, data, run_dir: Path, wall_start: float) -> dict[str, Any]:
     s = trainer.state
-    summary = {
+    return {
         "final_val_loss": s.last_val_loss,
         "best_val_loss": s.best_val_loss,
         "final_train_loss": s.last_train_loss,
@@ -175,17 +190,10 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
         "tokens_per_s": s.tokens_seen / max(s.train_time_s, 1e-9),
         "num_parameters": trainer.raw_model.num_parameters(),
         "unigram_entropy_nats": data.meta["unigram_entropy_nats"],
-        "world_size": parallel.world_size,
+        "world_size": trainer.parallel.world_size,
         "run_dir": str(run_dir),
         **trainer.summary,
     }
-    if parallel.is_main:
-        from vishwamai.monitoring import finish_monitoring
-
-        summary.update(finish_monitoring(cfg, run_dir, summary))  # report.png/.md, summary into MLflow
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    parallel.shutdown()
-    return summary
 
 
 def study(cfg: DictConfig) -> dict[str, Any]:

@@ -52,14 +52,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from vishwamai.batching.oom import is_out_of_memory, release_memory, requested_memory, skip_repeated_buffer_sync
-from vishwamai.checkpoint.layout import step_name
 from vishwamai.config import DynamicBatchConfig
 from vishwamai.errors import ConfigError, InsufficientMemoryError
-from vishwamai.train.events import Callback
+from vishwamai.train.events import ORDER_FEATURE, Callback
 
 if TYPE_CHECKING:
     from vishwamai.train.loop import Trainer
@@ -84,13 +82,12 @@ def _grown(size: int, factor: float, ceiling: int) -> int:
 
 class DynamicBatchSize(Callback):
     state_key = "dynamic_batch_size"
+    order = ORDER_FEATURE  # sizes and metrics settled before the checkpoint and the loggers see the step
 
-    def __init__(self, cfg: DynamicBatchConfig, accumulation_steps: int = 1,
-                 save_checkpoint: Optional[Callable[["Trainer"], Any]] = None):
+    def __init__(self, cfg: DynamicBatchConfig, accumulation_steps: int = 1):
         self.cfg = cfg
         self.constant = bool(cfg.constant_global_batch)
         self.accumulation = accumulation_steps
-        self.save_checkpoint = save_checkpoint
         self.size = int(cfg.initial_batch_size)  # agreed by all ranks
         self.stable = 0
         self.grad_norms: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
@@ -249,26 +246,12 @@ class DynamicBatchSize(Callback):
         return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.cfg.lr_scaling]
 
     def _set_lr_factor(self, trainer: "Trainer", factor: float) -> None:
-        """Scale the scheduler's base lrs, so LambdaLR's base_lr * lambda(step) carries the factor."""
-        ratio = factor / self.lr_factor
-        if ratio == 1.0:
-            return
-        scheduler = trainer.scheduler
-        if hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
-        for group in trainer.optimizer.param_groups:
-            group["lr"] *= ratio  # the next step's lr, already computed by scheduler.step()
-            if "initial_lr" in group:
-                group["initial_lr"] *= ratio
-        if hasattr(scheduler, "_last_lr"):
-            scheduler._last_lr = [group["lr"] for group in trainer.optimizer.param_groups]
+        trainer.scale_lr(factor / self.lr_factor)
         self.lr_factor = factor
 
     def _give_up(self, trainer: "Trainer", error: BaseException, where: str) -> None:
         needed = requested_memory(error)
-        saved = None
-        if self.save_checkpoint is not None:
-            saved = self.save_checkpoint(trainer)
+        saved = _save_checkpoint(trainer)
         raise BatchSizeMemoryError(
             f"out of memory in {where}, already at the lower bound "
             f"(dynamic_batch_size.min_batch_size={self.cfg.min_batch_size} for training, 1 for evaluation)"
@@ -288,23 +271,17 @@ def build_dynamic_batch(cfg) -> list[Callback]:
     """The callbacks dynamic_batch_size.* asks for (none when disabled)."""
     if not cfg.dynamic_batch_size.enabled:
         return []
-    return [DynamicBatchSize(cfg.dynamic_batch_size, cfg.training.gradient_accumulation_steps,
-                             save_checkpoint=save_with_checkpoint_callback)]
+    return [DynamicBatchSize(cfg.dynamic_batch_size, cfg.training.gradient_accumulation_steps)]
 
 
-def save_with_checkpoint_callback(trainer: "Trainer") -> Optional[str]:
-    """Save a resumable checkpoint through the run's checkpoint callback (CheckpointManager.save_step).
+def _save_checkpoint(trainer: "Trainer") -> Optional[str]:
+    """Save a resumable checkpoint (Trainer.save_checkpoint); what to tell the user, None without checkpointing.
 
     The state is that of the last completed step; the failed step's samples were already drawn,
-    so a resume continues after them. Returns where it went, or None when no callback can save.
+    so a resume continues after them.
     """
-    for callback in trainer.callbacks:
-        save = getattr(callback, "save_step", None)
-        if callable(save):
-            try:
-                save(trainer)
-            except Exception as error:  # noqa: BLE001 - the OOM error is the one to report
-                return f"not saved, the save failed too ({type(error).__name__}: {error})"
-            where = Path(callback.root) / step_name(trainer.state.step) if hasattr(callback, "root") else "RUN_DIR"
-            return f"saved in {where} (resume with training.resume)"
-    return None
+    try:
+        where = trainer.save_checkpoint()
+    except Exception as error:  # noqa: BLE001 - the OOM error is the one to report
+        return f"not saved, the save failed too ({type(error).__name__}: {error})"
+    return None if where is None else f"saved in {where} (resume with training.resume)"

@@ -4,9 +4,9 @@ Unsharded saves are asynchronous (writer.py): the step's state is copied on the 
 thread, then written and published by a background thread while training goes on.
 Sharded saves (every rank writes its shard, with collectives) stay synchronous.
 
-It sits after the feature callbacks and before the loggers (see
-training_v2.build_callbacks): a checkpoint taken at on_step_end holds every
-feature's state as of the end of the step, and the loggers see checkpoint_save_s.
+Its phase (ORDER_CHECKPOINT) puts it after the feature callbacks and before the loggers:
+a checkpoint taken at on_step_end holds every feature's state as of the end of the step,
+and the loggers see checkpoint_save_s.
 """
 
 from __future__ import annotations
@@ -30,13 +30,9 @@ from vishwamai.checkpoint.state import (assert_finite_weights, take_snapshot, us
                                         write_checkpoint, write_snapshot)
 from vishwamai.checkpoint.writer import BackgroundWriter
 from vishwamai.errors import CheckpointError, VishwamaiError
-from vishwamai.train.events import Callback
+from vishwamai.train.events import ORDER_CHECKPOINT, Callback
 
 log = logging.getLogger(__name__)
-
-# Fault injection for the crash tests: seconds to pause after a checkpoint's files are
-# written and before it is published, so a test can kill the process mid-save.
-SAVE_DELAY_ENV = "VISHWAMAI_CHECKPOINT_TEST_DELAY_S"
 
 
 def prepare_checkpoint_dir(root: Path) -> None:
@@ -72,6 +68,7 @@ def link_tree(src: Path, dst: Path) -> None:
 
 class CheckpointManager(Callback):
     state_key = "checkpointing"
+    order = ORDER_CHECKPOINT  # saves the step the features left, before the loggers write it
 
     def __init__(self, cfg, run_dir: str | Path):
         c = cfg.checkpointing
@@ -95,6 +92,9 @@ class CheckpointManager(Callback):
         self.best_value = state.get("best_value")
 
     # ------------------------------------------------------------- events
+    def on_init(self, trainer) -> None:
+        trainer.checkpointer = self  # serves Trainer.save_checkpoint() (e.g. dynamic batch giving up)
+
     def on_train_start(self, trainer) -> None:
         if trainer.is_main:
             self._check_free_space(trainer)
@@ -148,8 +148,12 @@ class CheckpointManager(Callback):
         finally:
             self._restore_sigterm_handler()
 
+    def close(self) -> None:
+        self._restore_sigterm_handler()  # e.g. a run that ended before training started
+
     # -------------------------------------------------------------- saves
-    def save_step(self, trainer) -> None:
+    def save_step(self, trainer) -> Path:
+        """A resumable checkpoint of the last completed step (RUN_DIR/checkpoints/step-N); returns its path."""
         start = time.perf_counter()
         step = trainer.state.step
         name = step_name(step)
@@ -162,6 +166,7 @@ class CheckpointManager(Callback):
         self._saved_step = step
         trainer.metrics["checkpoint_save_s"] = trainer.metrics.get("checkpoint_save_s", 0.0) + (
             time.perf_counter() - start)
+        return self.root / name
 
     def save_best_checkpoint(self, trainer) -> None:
         start = time.perf_counter()
@@ -240,9 +245,6 @@ class CheckpointManager(Callback):
             then()
 
     def _publish(self, tmp: Path, final: Path, required: list[str], step: int) -> None:
-        delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
         write_manifest(tmp, step, required)
         publish_dir(tmp, final)
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from vishwamai.compress.schedule import is_update_step, sparsity_at
-from vishwamai.train.events import Callback
+from vishwamai.train.events import ORDER_FEATURE, Callback
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ def compact_mlp(model: nn.Module, model_cfg) -> tuple[nn.Module, object, dict]:
 # --------------------------------------------------------------------- callback
 class GradualPruning(Callback):
     """Prunes trainer.raw_model on the configured schedule; makes it permanent and small at the end."""
+    order = ORDER_FEATURE  # changes the model: before the checkpoint saves it
 
     state_key = "pruning"
 

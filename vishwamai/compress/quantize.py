@@ -30,7 +30,7 @@ from vishwamai.compress.storage import (FORMAT, FORMAT_VERSION, is_quantized_dir
                                         save_quantized)
 from vishwamai.config import DataConfig
 from vishwamai.errors import CheckpointError, ConfigError
-from vishwamai.train.events import Callback
+from vishwamai.train.events import ORDER_FEATURE, Callback
 
 QUANTIZED_DIR = "quantized"
 REPORT_FILE = "report.json"
@@ -172,6 +172,7 @@ def quantize_model_dir(model_dir: str | Path, output_dir: str | Path, mode: str 
 # --------------------------------------------------------------------- callback
 class PostTrainingQuantization(Callback):
     """After training: quantize the final model (the pruned one if pruning ran) into RUN_DIR/quantized/."""
+    order = ORDER_FEATURE  # with pruning, whose result it quantizes (before the final checkpoint, as before)
 
     def __init__(self, cfg, run_dir: str | Path, pruning=None):
         self.cfg, self.run_dir, self.pruning = cfg, Path(run_dir), pruning

@@ -23,11 +23,12 @@ from vishwamai.distill.plan import KINDS, REPRESENTATION_KINDS, Pair, projection
 from vishwamai.distill.student_init import init_from_teacher
 from vishwamai.distill.teachers import Teacher
 from vishwamai.errors import CheckpointError
-from vishwamai.train.events import Callback
+from vishwamai.train.events import ORDER_FEATURE, Callback
 
 
 class Distillation(Callback):
     state_key = "distillation"
+    order = ORDER_FEATURE  # adds loss terms: the step the checkpoint and loggers see includes them
 
     def __init__(self, ds, teachers: list[Teacher], plans: list[dict[str, list[Pair]]],
                  projections: nn.ModuleDict):
@@ -56,8 +57,8 @@ class Distillation(Callback):
             teacher.model.to(trainer.device)
         self.projections.to(trainer.device)
         params = list(self.projections.parameters())
-        if params:
-            join_optimizer(trainer, params)
+        if params:  # trained with the student's optimizer, lr schedule and gradient clipping
+            trainer.add_param_group(params, weight_decay=trainer.cfg.training.optimizer.weight_decay)
         trainer.forward_kwargs.update(self.model_outputs)
         trainer.summary["distillation_teachers"] = [str(t.directory) for t in self.teachers]
 
@@ -108,18 +109,3 @@ class Distillation(Callback):
             raise CheckpointError(f"the checkpoint's distillation projections {sorted(saved)} do not match this "
                                   f"run's {sorted(expected)} (different teacher, student or distillation layers)")
         self.projections.load_state_dict(saved)  # copies in place: the optimizer keeps its references
-
-
-def join_optimizer(trainer, params: list[nn.Parameter]) -> None:
-    """Train `params` with the student's optimizer, lr schedule and gradient clipping."""
-    optimizer, scheduler = trainer.optimizer, trainer.scheduler
-    first = optimizer.param_groups[0]
-    initial_lr = first.get("initial_lr", first["lr"])
-    optimizer.add_param_group({"params": params, "weight_decay": trainer.cfg.training.optimizer.weight_decay,
-                               "lr": first["lr"], "initial_lr": initial_lr})
-    # LambdaLR keeps one base lr and lambda per group: the new group follows the first one's schedule.
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs.append(initial_lr)
-    if hasattr(scheduler, "lr_lambdas"):
-        scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
-    trainer.params.extend(params)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import gc
 import os
 import time
 from typing import Any, Iterator
@@ -91,55 +90,53 @@ class Parallelism:
 
     def barrier(self) -> None: ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self, failed: bool = False) -> None:
+        """Leave the process group (Trainer.close); `failed`: without waiting for the peers."""
 
 
 # How long a multi-process run's teardown (after its last collective) may take.
 TEARDOWN_LIMIT_S = 120
 # Seconds without the GIL before teardown, for Gloo's worker threads to free their last work.
 GLOO_DRAIN_S = 0.2
-_watchdog_armed = False
 
 
 def arm_teardown_watchdog(limit_s: float = TEARDOWN_LIMIT_S) -> None:
-    """From here on, the process must reach the end of `teardown_watchdog()` within `limit_s`.
+    """From here on, the process must disarm the watchdog (or exit) within `limit_s`.
 
     faulthandler's timer is a C thread that needs no GIL: if teardown deadlocks in
     C++ while holding the GIL, it still prints every thread's stack to stderr and
     exits with code 1, so a pod or torchrun fails instead of hanging forever."""
-    global _watchdog_armed
     faulthandler.dump_traceback_later(limit_s, exit=True)
-    _watchdog_armed = True
 
 
-@contextlib.contextmanager
-def teardown_watchdog() -> Iterator[None]:
-    """Frees what the block left (model, process group) while a watchdog armed in it runs."""
-    global _watchdog_armed
-    try:
-        yield
-        gc.collect()  # trainer <-> callback cycles hold the wrapped model (and its process group)
-    finally:
-        if _watchdog_armed:
-            faulthandler.cancel_dump_traceback_later()
-            _watchdog_armed = False
-
-
-def prepare_teardown() -> None:
+def prepare_teardown(limit_s: float = TEARDOWN_LIMIT_S) -> None:
     """Before a process group is torn down: let Gloo's workers drain, then bound the teardown.
 
     Gloo's worker threads free finished work objects after the collective has returned; a
-    tensor made in Python needs the GIL for that.  The group's destructor (run when its last
-    holder, e.g. the DDP model, goes) joins those threads while holding the GIL: if a worker
-    had not freed its work yet, both wait forever (seen about once in 30 runs on 2 cores).
-    Sleeping releases the GIL so the workers finish first; should that not be enough, the
-    watchdog fails the process instead of letting it hang."""
+    tensor made in Python needs the GIL for that.  The group's teardown joins those threads
+    while holding the GIL: if a worker had not freed its work yet, both wait forever (seen about
+    once in 30 runs on 2 cores, before this drain).  Tearing down explicitly and in order
+    (Trainer.close: model, callbacks, then the group) decides *when* that join happens, not
+    whether it can meet an unfinished worker, so the drain stays: sleeping releases the GIL and
+    the workers finish first.  The watchdog stays too: the race is inside torch, no test can
+    show it gone at that rate, and a hung pod costs far more than the armed timer."""
     time.sleep(GLOO_DRAIN_S)
-    arm_teardown_watchdog()
+    arm_teardown_watchdog(limit_s)
+
+
+@contextlib.contextmanager
+def bounded_teardown(limit_s: float = TEARDOWN_LIMIT_S) -> Iterator[None]:
+    """The block tears a process group down: drained first, and bounded by the watchdog."""
+    prepare_teardown(limit_s)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def bound_failing_exit() -> None:
-    """A process leaving on an error while in a process group (not a library caller: the CLI).
+    """A process leaving on an error while still in a process group (the CLI, before a Trainer
+    owned the run or when its close() did not get to the group).
 
     The group is then destroyed at interpreter exit, with the same hazard as a normal shutdown,
     or while a peer still waits in a collective; the watchdog stays armed until exit, so the
@@ -167,11 +164,5 @@ def build_parallelism(cfg: VishwamaiConfig) -> Parallelism:
     return FullyShardedParallel(cfg)
 
 
-def build_distributed_callbacks(cfg: VishwamaiConfig) -> list:
-    from vishwamai.distributed.report import DistributedReport
-
-    return [DistributedReport()]
-
-
-__all__ = ["Parallelism", "arm_teardown_watchdog", "bound_failing_exit", "build_distributed_callbacks",
-           "build_parallelism", "prepare_teardown", "teardown_watchdog"]
+__all__ = ["Parallelism", "arm_teardown_watchdog", "bound_failing_exit", "bounded_teardown", "build_parallelism",
+           "prepare_teardown"]

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.distributed import Parallelism, prepare_teardown
+from vishwamai.distributed import Parallelism, bounded_teardown
 from vishwamai.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -115,9 +115,10 @@ class ProcessGroupParallelism(Parallelism):
     def barrier(self) -> None:
         dist.barrier()
 
-    def shutdown(self) -> None:
+    def shutdown(self, failed: bool = False) -> None:
         if not dist.is_initialized():
             return
-        self.barrier()  # leave together: no rank tears down while a peer still talks to it
-        prepare_teardown()  # Gloo drains, and a stuck teardown fails instead of hanging
-        dist.destroy_process_group()
+        if not failed:  # after an error a peer may never come: no barrier, the group goes now
+            self.barrier()  # leave together: no rank tears down while a peer still talks to it
+        with bounded_teardown():  # Gloo drains, and a stuck teardown fails instead of hanging
+            dist.destroy_process_group()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -33,7 +34,7 @@ from vishwamai.config import VishwamaiConfig
 from vishwamai.data import SequenceSampler, eval_batches
 from vishwamai.distributed import Parallelism
 from vishwamai.errors import VishwamaiError
-from vishwamai.train.events import Callback
+from vishwamai.train.events import REVERSED_EVENTS, Callback
 from vishwamai.train.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.sampler, self.val_tokens = sampler, val_tokens
         self.precision, self.parallel, self.device = precision, parallel, device
-        self.callbacks = list(callbacks)
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)  # stable: equal phases keep their order
+        self.checkpointer: Optional[Any] = None  # set by the checkpoint callback: serves save_checkpoint()
+        self._closed = False
         self.state = TrainState()
         t = cfg.training
         self.batch_size = t.batch_size * t.gradient_accumulation_steps
@@ -110,14 +113,67 @@ class Trainer:
         return getattr(model, "_orig_mod", model)
 
     def fire(self, event: str, **kwargs) -> None:
-        for cb in self.callbacks:
+        for cb in reversed(self.callbacks) if event in REVERSED_EVENTS else self.callbacks:
             getattr(cb, event)(self, **kwargs)
 
     def _handled_by_callback(self, error: BaseException) -> bool:
         return any(cb.on_step_error(self, error=error) for cb in self.callbacks)
 
-    def add_callback(self, callback: Callback) -> None:
-        self.callbacks.append(callback)
+    # ---------------------------------------------------------------- services
+    def save_checkpoint(self) -> Optional[Path]:
+        """Save a resumable checkpoint of the last completed step now; where it went, or None when this
+        run has no checkpointing.  Every rank calls it (a save may be collective)."""
+        return None if self.checkpointer is None else self.checkpointer.save_step(self)
+
+    def add_param_group(self, params: list[torch.nn.Parameter], **options: Any) -> None:
+        """Train `params` too (e.g. distillation projections) with the optimizer's lr schedule and the
+        gradient clipping; call in on_init, before a resume restores the optimizer's state."""
+        first = self.optimizer.param_groups[0]
+        initial_lr = first.get("initial_lr", first["lr"])
+        self.optimizer.add_param_group({"params": params, "lr": first["lr"], "initial_lr": initial_lr, **options})
+        # LambdaLR keeps one base lr and lambda per group: the new group follows the first one's schedule.
+        self.scheduler.base_lrs.append(initial_lr)
+        self.scheduler.lr_lambdas.append(self.scheduler.lr_lambdas[0])
+        self.params.extend(params)
+
+    def scale_lr(self, ratio: float) -> None:
+        """Multiply the learning rate by `ratio` from now on: the schedule's base lrs and the next step's lr."""
+        if ratio == 1.0:
+            return
+        self.scheduler.base_lrs = [lr * ratio for lr in self.scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio  # the next step's lr, already computed by scheduler.step()
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    # --------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Release the run's resources, in torchtitan's order: the wrapped model (and with it DDP's
+        reference to the process group), then the callbacks in reverse, then the process group
+        (after a barrier, unless `failed`: a peer may never reach it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.model = self.optimizer = None  # type: ignore[assignment]
+        errors = []
+        for cb in reversed(self.callbacks):
+            try:
+                cb.close()
+            except Exception as error:  # noqa: BLE001 - every callback gets to release its part
+                errors.append(error)
+        self.callbacks = []  # no callback keeps the run alive through the trainer (or vice versa)
+        self.parallel.shutdown(failed=failed)
+        for error in errors:
+            log.error("a callback failed to close: %r", error)
+        if errors and not failed:  # after a failure, the error that ended the run is the one to see
+            raise errors[0]
 
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
