@@ -30,9 +30,11 @@ Events (each logged to trainer.metrics, printed, and listed in summary.json):
               sizes are untouched.
 
 Distributed runs: every size change is decided at on_step_end, a point every rank reaches once
-per step, from agreed facts only: the non-finite flag (agreed by the loop), the spike flag
-(agreed with parallel.any) and the number of OOM shrinks (agreed with parallel.any, one call
-per shrink level), so all ranks apply the same sizes and the sampler stays in step. An OOM is
+per step, from agreed facts only, with no collective of its own: the non-finite flag (the loop's,
+from the agreed loss and the global gradient norm), the spike flag (judged from the global
+gradient norm, the same on every rank, and a history built from it) and the number of OOM shrinks
+(a vote in the step's one agreement, vishwamai/train/agreement.py), so all ranks apply the same
+sizes and the sampler stays in step. An OOM is
 caught and the step redone locally. When every rank runs out of memory at the same point - the
 usual case, as every rank runs the same shapes - the redone steps' collectives pair up and all
 ranks recover together (tests/test_dynamic_batch_ddp.py, 2 gloo processes).
@@ -100,6 +102,10 @@ class DynamicBatchSize(Callback):
         self._trouble: Optional[str] = None
 
     # ------------------------------------------------------------------ events
+    def on_init(self, trainer: "Trainer") -> None:
+        # Ranks redo OOM'd micro-batches locally; the step's agreement gives every rank the most shrinks.
+        trainer.agreement.register("oom_shrinks", lambda: self._local_shrinks, kind="max")
+
     def on_train_start(self, trainer: "Trainer") -> None:
         if not self._restored:  # a restored run keeps the sizes Trainer.load_state_dict set
             self._apply(trainer)
@@ -141,9 +147,9 @@ class DynamicBatchSize(Callback):
         norm = trainer.grad_norm
         factor = self.cfg.grad_spike_factor
         # A non-finite norm here is an fp16 loss-scale overflow: the scaler's business, not ours.
+        # The norm is global and the history is built from it: every rank makes the same call.
         spike = (factor > 0 and math.isfinite(norm) and len(self.grad_norms) >= MIN_GRAD_HISTORY
                  and norm > factor * statistics.median(self.grad_norms))
-        spike = trainer.parallel.any(spike)
         self.spikes_in_a_row = self.spikes_in_a_row + 1 if spike else 0
         if self.spikes_in_a_row > MAX_SPIKES_IN_A_ROW:
             # Never skip forever: the norm has moved to a new level; learn it afresh.
@@ -157,7 +163,7 @@ class DynamicBatchSize(Callback):
             self.grad_norms.append(float(norm))  # plain data for the checkpoint
 
     def on_step_end(self, trainer: "Trainer") -> None:
-        shrinks = self._agreed_shrinks(trainer)
+        shrinks = trainer.agreement.agreed["oom_shrinks"]
         c = self.cfg
         if shrinks:
             self.failures[self.size] = self.failures.get(self.size, 0) + 1
@@ -204,13 +210,6 @@ class DynamicBatchSize(Callback):
         self._restored = True
 
     # ----------------------------------------------------------------- helpers
-    def _agreed_shrinks(self, trainer: "Trainer") -> int:
-        """The most OOM shrinks any rank made this step (parallel.any only answers yes/no)."""
-        n = 0
-        while trainer.parallel.any(self._local_shrinks > n):
-            n += 1
-        return n
-
     def _stable_steps_before(self, size: int) -> int:
         failed = sum(count for s, count in self.failures.items() if s <= size)
         return self.cfg.stable_steps * 2 ** min(failed, 20)

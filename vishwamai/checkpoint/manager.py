@@ -94,6 +94,8 @@ class CheckpointManager(Callback):
     # ------------------------------------------------------------- events
     def on_init(self, trainer) -> None:
         trainer.checkpointer = self  # serves Trainer.save_checkpoint() (e.g. dynamic batch giving up)
+        # A SIGTERM on any rank (before the step's agreement) saves this step and stops every rank.
+        trainer.agreement.register("sigterm", lambda: self._sigterm)
 
     def on_train_start(self, trainer) -> None:
         if trainer.is_main:
@@ -109,7 +111,7 @@ class CheckpointManager(Callback):
             self._best_pending = True
 
     def on_step_end(self, trainer) -> None:
-        stop = trainer.parallel.any(self._sigterm)
+        stop = trainer.agreement.agreed["sigterm"]
         step = trainer.state.step
         if stop or (self.every and step % self.every == 0):
             self.save_step(trainer)

@@ -68,8 +68,12 @@ class Parallelism:
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks (the step's one agreement: vishwamai/train/agreement.py)."""
+        return value
+
     def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any rank (agreement on skip/stop)."""
+        """True on every rank if it is true on any rank (one-off agreements; per step: StepAgreement)."""
         return flag
 
     def gather_object(self, obj: Any) -> list[Any]:

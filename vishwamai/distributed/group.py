@@ -94,6 +94,11 @@ class ProcessGroupParallelism(Parallelism):
         dist.all_reduce(total)
         return total / self.world_size
 
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        total = value.detach().clone().to(self._comm_device)
+        dist.all_reduce(total)
+        return total
+
     def any(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self._comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

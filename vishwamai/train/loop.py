@@ -13,7 +13,9 @@ callbacks may read or change:
   forward_kwargs     extra model outputs wanted (distillation: hidden states, attentions)
   metrics            this step's figures; loggers write them at on_step_end
   skip_update        set in on_before_optimizer_step to drop this step's update
-  should_stop        set to end training after this step
+  should_stop        set to end training after this step (agreed over ranks at the next step's agreement)
+  agreement          StepAgreement: register a vote (on_init) to agree on a per-step decision over ranks,
+                     read it in `agreement.agreed` after the step's agreement (before on_before_optimizer_step)
   summary            figures for summary.json; features add theirs at on_train_end
 """
 
@@ -34,6 +36,7 @@ from vishwamai.config import VishwamaiConfig
 from vishwamai.data import SequenceSampler, eval_batches
 from vishwamai.distributed import Parallelism
 from vishwamai.errors import VishwamaiError
+from vishwamai.train.agreement import StepAgreement
 from vishwamai.train.events import REVERSED_EVENTS, Callback
 from vishwamai.train.precision import Precision
 
@@ -99,6 +102,10 @@ class Trainer:
         self.grad_norm = math.nan
         # Clipped together: the parameters the optimizer updates (amp O2: the float32 masters).
         self.params = precision.optimizer_params(model.parameters())
+        self.agreement = StepAgreement(parallel, device)
+        # A stop asked for during step N (on_eval_end, on_step_end) is agreed at step N+1's agreement,
+        # which then undoes that step: every rank ends after step N, as the rank that asked meant.
+        self.agreement.register("stop", lambda: self.should_stop)
         self.fire("on_init")  # before any resume restores the optimizer (callbacks may add param groups)
 
     # ------------------------------------------------------------------ events
@@ -186,34 +193,42 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         t = self.cfg.training
         self.fire("on_train_start")
-        while self.state.step < t.max_steps and not self.should_stop:
-            self.metrics = {}
+        while self.state.step < t.max_steps:
+            last_metrics, self.metrics = self.metrics, {}
             self.fire("on_step_start")
-            self._train_step_with_recovery()
+            if not self._train_step_with_recovery():
+                self.metrics = last_metrics  # the stopped step left nothing: the last step's figures stand
+                break
             every = t.eval_every_n_steps
             if (every and self.state.step % every == 0) or self.state.step == t.max_steps:
                 self.evaluate()
             self.fire("on_step_end")
-            self.should_stop = self.parallel.any(self.should_stop)  # every rank stops at the same step
         if self.state.last_val_loss is None:
             self.evaluate()
         self.fire("on_train_end")
         return self.summary
 
-    def _train_step_with_recovery(self) -> None:
+    def _train_step_with_recovery(self) -> bool:
+        """One step; False if every rank agreed to stop before its update (the step is then undone)."""
         # The step's samples are drawn once: a step redone after a handled error
         # (e.g. out-of-memory -> smaller micro-batch) trains on the same samples.
+        before = self.sampler.state_dict(), self.batch_size, self.micro_batch_size
         window_ids = self.sampler.window_ids(self.batch_size)
         while True:
             try:
-                self.train_step(window_ids)
-                return
+                if self.train_step(window_ids):
+                    return True
+                self.sampler.load_state_dict(before[0])  # not drawn: a resume starts from these samples
+                self.batch_size, self.micro_batch_size = before[1:]
+                return False
             except Exception as error:  # noqa: BLE001 - callbacks decide what is recoverable
                 self.precision.zero_grad(self.optimizer)
                 if not self._handled_by_callback(error):
                     raise
 
-    def train_step(self, window_ids: torch.Tensor) -> None:
+    def train_step(self, window_ids: torch.Tensor) -> bool:
+        """Forward/backward over the micro-batches, the step's agreement, then the update.
+        Returns False (nothing updated) when the agreement is to stop."""
         start = time.perf_counter()
         self.model.train()
         self.skip_update = False
@@ -234,15 +249,22 @@ class Trainer:
         self.fire("on_after_backward")
         self.precision.unscale_(self.optimizer)
         self.grad_norm = grad_norm = self._clip_gradients()
-        loss_value = self.parallel.all_reduce_mean(loss_sum).item()
-        self._guard_non_finite(loss_value, grad_norm)
+        # The step's one collective of its own: loss, loss terms and every registered vote (stop...).
+        means = {"loss": loss_sum, **({f"loss_{k}": v for k, v in term_sums.items()} if len(term_sums) > 1 else {})}
+        agreed = self.agreement.reduce(means)
+        if agreed["stop"]:
+            self.precision.zero_grad(self.optimizer)
+            return False
+        self._guard_non_finite(agreed["loss"], grad_norm)
         self.fire("on_before_optimizer_step")
         if not self.skip_update:
             self.precision.step(self.optimizer)
         self.precision.update()
         self.precision.zero_grad(self.optimizer)
         self.scheduler.step()
-        self._account(len(window_ids), loss_value, grad_norm, term_sums, time.perf_counter() - start)
+        terms = {k: v for k, v in agreed.items() if k.startswith("loss_")}
+        self._account(len(window_ids), agreed["loss"], grad_norm, terms, time.perf_counter() - start)
+        return True
 
     def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy, plus whatever terms callbacks add in on_loss (e.g. distillation)."""
@@ -260,10 +282,12 @@ class Trainer:
     def _guard_non_finite(self, loss: float, grad_norm: float) -> None:
         """A non-finite loss or gradient never reaches the weights: skip, count, stop after K.
 
-        With fp16 loss scaling, inf gradients are the steps the GradScaler skips (it then lowers the
-        scale): counted too, so a scale that overflows every step stops the run instead of a
-        "successful" run that never trained."""
-        bad = self.parallel.any(not math.isfinite(loss) or not math.isfinite(grad_norm))
+        Every rank decides alike without a collective of its own: the loss is the agreed mean (a
+        non-finite loss on any rank makes it non-finite) and the gradient norm is global (DDP's
+        gradients are averaged, FSDP's norm is reduced).  With fp16 loss scaling, inf gradients are
+        the steps the GradScaler skips (it then lowers the scale): counted too, so a scale that
+        overflows every step stops the run instead of a "successful" run that never trained."""
+        bad = not math.isfinite(loss) or not math.isfinite(grad_norm)
         if not bad:
             self.state.consecutive_bad_steps = 0
             self._watch_zero_gradient(grad_norm)
@@ -313,9 +337,7 @@ class Trainer:
             step_time_s=seconds,
             tokens_per_s=tokens / seconds,
         )
-        if len(terms) > 1:
-            for name, value in terms.items():
-                self.metrics[f"loss_{name}"] = self.parallel.all_reduce_mean(torch.as_tensor(value)).item()
+        self.metrics.update(terms)  # loss_<term>, agreed with the loss
 
     # --------------------------------------------------------------- evaluation
     def evaluate(self) -> float:
