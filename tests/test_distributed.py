@@ -363,3 +363,63 @@ def test_accumulation_all_reduces_only_on_the_last_micro_batch(tiny_cfg, monkeyp
     finally:
         parallel.shutdown()
     assert not dist.is_initialized()
+
+
+# ------------------------------------------------------------------ one agreement per step
+COUNT_WORKER = """
+import json, os, sys
+import torch.distributed as dist
+from conftest import TINY_OVERRIDES
+from test_dynamic_batch import dynamic
+from vishwamai.train.events import Callback
+from vishwamai.training_v2 import compose_config, run
+
+# Every collective called from Python (DDP's gradient buckets are C++: one per step, counted elsewhere).
+NAMES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+         "broadcast_object_list", "barrier", "reduce_scatter_tensor", "gather_object")
+calls = [0]
+for name in NAMES:
+    def counted(*args, _real=getattr(dist, name), **kwargs):
+        calls[0] += 1
+        return _real(*args, **kwargs)
+    setattr(dist, name, counted)
+
+run_dir, rank = sys.argv[1], int(os.environ["RANK"])
+
+class Count(Callback):
+    def __init__(self):
+        self.per_step, self.start = {}, 0
+    def on_step_start(self, trainer):
+        self.start = calls[0]
+    def on_step_end(self, trainer):
+        self.per_step[trainer.state.step] = calls[0] - self.start
+        if rank == 1 and trainer.state.step == 5:  # one rank asks to stop: every rank ends after step 5
+            trainer.should_stop = True
+
+count = Count()
+cfg = compose_config(TINY_OVERRIDES + ["distributed.strategy=data_parallel", "training.max_steps=8",
+                                       "training.eval_every_n_steps=0", "checkpointing.every_n_steps=0"]
+                     + dynamic(initial_batch_size=4, target_batch_size=4, min_batch_size=1), run_dir=run_dir)
+summary = run(cfg, extra_callbacks=[count])
+with open(f"{run_dir}-result-{rank}.json", "w") as fh:
+    json.dump({"per_step": count.per_step, "steps": summary["steps"], "loss": summary["final_train_loss"]}, fh)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_one_collective_per_step_and_a_stop_on_one_rank_ends_every_rank_at_that_step(tmp_path):
+    """Two gloo ranks with dynamic batch sizing and SIGTERM checkpointing on: each step makes exactly one
+    collective of its own (the step's agreement: loss + stop + SIGTERM + OOM shrinks), not one per feature."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(COUNT_WORKER)
+    tests_dir = Path(__file__).parent
+    env = {**worker_env(), "PYTHONPATH": os.pathsep.join([str(tests_dir), str(tests_dir.parent)])}
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(worker),
+                           str(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads((tmp_path / f"run-result-{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        assert result["steps"] == 5
+        assert result["per_step"] == {str(step): 1 for step in range(1, 6)}
+    assert results[0]["loss"] == results[1]["loss"]  # the agreed mean
