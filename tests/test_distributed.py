@@ -91,6 +91,10 @@ def test_ddp_two_ranks_match_one_process_with_the_same_global_batch(tmp_path, ti
     assert s["world_size"] == 2 and s["tokens"] == 6 * 4 * 32
     assert s["parameters_per_rank"] == [s["num_parameters"]] * 2  # DDP: full replicas
     assert not (run_dir / "metrics.jsonl.1").exists()
+    # One meaning per name: per forward on a rank, per step on a rank, per step over all ranks.
+    sizes = {(r["micro_batch_size"], r["batch_size"], r["global_batch_size"]) for r in records(run_dir)}
+    assert sizes == {(2, 2, 4)}
+    assert (s["micro_batch_size"], s["batch_size"], s["global_batch_size"]) == (2, 2, 4)
 
 
 def test_an_error_after_joining_the_group_ends_every_rank_with_its_message(tmp_path, tiny_overrides):

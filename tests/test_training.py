@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_overrides)
     run(compose_config(base + ["training.batch_size=4", "training.gradient_accumulation_steps=2"],
                        run_dir=str(tmp_path / "accum")))
     big, accum = _records(tmp_path / "big"), _records(tmp_path / "accum")
-    assert [r["batch_size"] for r in accum] == [8] * 4
+    assert [(r["micro_batch_size"], r["batch_size"], r["global_batch_size"]) for r in accum] == [(4, 8, 8)] * 4
     for a, b in zip(big, accum):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
@@ -295,3 +296,69 @@ def test_demo_ends_by_printing_a_sample(tmp_path, tiny_overrides, run_module):
     assert proc.returncode == 0, proc.stderr
     sample = json.loads((tmp_path / "demo" / "summary.json").read_text())["sample"]
     assert "sample (training.sample_prompt='def '):\ndef " + sample in proc.stdout
+
+
+# ------------------------------------------------------- the run's owner, callback order, services
+class Recorder(Callback):
+    """Appends (name, event) to a shared log; optionally fails at a step's end."""
+
+    def __init__(self, name: str, log: list, order=None, fail_at: int = 0):
+        self.name, self.log, self.fail_at = name, log, fail_at
+        if order is not None:
+            self.order = order
+
+    def on_step_end(self, trainer) -> None:
+        self.log.append((self.name, "on_step_end"))
+        if trainer.state.step == self.fail_at:
+            raise RuntimeError("callback failure")
+
+    def on_exception(self, trainer, *, error) -> None:
+        self.log.append((self.name, "on_exception"))
+
+    def close(self) -> None:
+        self.log.append((self.name, "close"))
+
+
+def test_callbacks_run_by_declared_phase_releases_in_reverse_and_the_group_is_left(tmp_path, tiny_overrides,
+                                                                                   monkeypatch):
+    """Given in the wrong order, callbacks still run feature -> checkpoint -> observers; on a failure
+    on_exception and close() run in reverse; the Trainer's close() leaves the process group."""
+    import torch.distributed as dist
+
+    from vishwamai.train.events import ORDER_CHECKPOINT, ORDER_FEATURE
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    log: list = []
+    given = [Recorder("observer", log, fail_at=2), Recorder("checkpoint-like", log, ORDER_CHECKPOINT),
+             Recorder("feature", log, ORDER_FEATURE)]
+    cfg = compose_config(tiny_overrides + ["training.max_steps=3", "training.device=cpu",
+                                           "distributed.strategy=data_parallel"], run_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="callback failure"):
+        run(cfg, extra_callbacks=given)
+    forward = ["feature", "checkpoint-like", "observer"]
+    assert log == ([(n, "on_step_end") for n in forward] * 2 + [(n, "on_exception") for n in reversed(forward)]
+                   + [(n, "close") for n in reversed(forward)])
+    assert not dist.is_initialized()  # the failed run's close() destroyed its process group
+
+
+def test_services_scale_lr_and_add_param_group_follow_the_schedule(tiny_cfg):
+    """scale_lr scales the schedule from now on (not just this step's lr); a group joined with
+    add_param_group follows the first group's schedule and is clipped with the model's parameters."""
+    from vishwamai.data import load_token_data
+    from vishwamai.distributed import Parallelism
+    from vishwamai.training_v2 import build_trainer
+
+    t = tiny_cfg.training
+    data = load_token_data(tiny_cfg.data)
+    with build_trainer(tiny_cfg, Parallelism(), data, torch.device("cpu"), Path(tiny_cfg.run_dir)) as trainer:
+        extra = torch.nn.Parameter(torch.zeros(3))
+        trainer.add_param_group([extra], weight_decay=0.0)
+        assert trainer.params[-1] is extra
+        for _ in range(3):
+            trainer.scheduler.step()
+        trainer.scale_lr(0.5)
+        trainer.scheduler.step()  # step 4
+        expected = 0.5 * t.optimizer.lr * lr_factor(4, t.scheduler, t.max_steps)
+        assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([expected] * 3)
+    assert trainer.model is None and trainer.callbacks == []  # close() released them

@@ -24,7 +24,7 @@ PANELS = (
     ("Loss", "nats/token", ("loss", "val_loss")),
     ("Learning rate", "lr", ("lr",)),
     ("Throughput", "tokens/s", ("tokens_per_s",)),
-    ("Batch size", "sequences", ("batch_size", "micro_batch_size")),
+    ("Batch size", "sequences", ("global_batch_size", "batch_size", "micro_batch_size")),
 )
 SUMMARY_ROWS = (
     ("final validation loss", "final_val_loss"), ("best validation loss", "best_val_loss"),

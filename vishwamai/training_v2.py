@@ -191,6 +191,10 @@ def run_summary(trainer, data, run_dir: Path, wall_start: float) -> dict[str, An
         "num_parameters": trainer.raw_model.num_parameters(),
         "unigram_entropy_nats": data.meta["unigram_entropy_nats"],
         "world_size": trainer.parallel.world_size,
+        # The final sizes: per forward on a rank, per optimizer step on a rank, per step over all ranks.
+        "micro_batch_size": trainer.micro_batch_size,
+        "batch_size": trainer.batch_size,
+        "global_batch_size": trainer.global_batch_size,
         "run_dir": str(run_dir),
         **trainer.summary,
     }

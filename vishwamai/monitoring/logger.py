@@ -32,8 +32,8 @@ from vishwamai.train.events import Callback
 
 # Keys the trainer sets on every step; anything else seen on an unlogged step (e.g. a
 # checkpoint's checkpoint_save_s) is carried to the next record so it is not lost.
-STEP_KEYS = frozenset({"step", "loss", "lr", "grad_norm", "batch_size", "micro_batch_size", "tokens",
-                       "step_time_s", "tokens_per_s"})
+STEP_KEYS = frozenset({"step", "loss", "lr", "grad_norm", "micro_batch_size", "batch_size", "global_batch_size",
+                       "tokens", "step_time_s", "tokens_per_s"})
 # Every logged record's wall-clock time (Unix seconds), in metrics.jsonl and as the backends' timestamp.
 TIME_KEY = "time"
 
@@ -325,7 +325,7 @@ class MetricsLogger(Callback):
     def on_step_end(self, trainer) -> None:
         m = trainer.metrics
         self._tokens += m.get("tokens", 0)
-        self._samples += m.get("batch_size", 0)
+        self._samples += m.get("global_batch_size", 0)
         self._seconds += m.get("step_time_s", 0.0)
         self._steps += 1
         step = trainer.state.step

@@ -3,10 +3,13 @@
 Everything else subscribes to events (vishwamai/train/events.py).  Attributes that
 callbacks may read or change:
   state              TrainState: step, tokens, best validation loss... (saved in checkpoints)
-  micro_batch_size   sequences per forward/backward (dynamic batch sizing changes it)
-  batch_size         sequences per optimizer step on this rank; a step is split into
+  micro_batch_size   sequences per forward/backward on this rank (dynamic batch sizing changes it;
+                     config: training.batch_size)
+  batch_size         sequences per optimizer step on this rank (config: training.batch_size x
+                     training.gradient_accumulation_steps); a step is split into
                      ceil(batch_size / micro_batch_size) micro-batches, each weighted by
                      its share of the batch, so the gradient does not depend on the split
+  global_batch_size  sequences per optimizer step over all ranks (batch_size x world size; read-only)
   eval_batch_size    sequences per forward during evaluation (own back-off); the evaluated
                      windows do not depend on it (batches of training.batch_size are split)
   grad_norm          this step's gradient norm before clipping (read in on_before_optimizer_step)
@@ -112,6 +115,10 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.parallel.is_main
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.parallel.world_size
 
     @property
     def raw_model(self) -> torch.nn.Module:
@@ -331,8 +338,9 @@ class Trainer:
             loss=loss,
             lr=self.optimizer.param_groups[0]["lr"],
             grad_norm=grad_norm,
-            batch_size=n_samples * world,
             micro_batch_size=self.micro_batch_size,
+            batch_size=n_samples,
+            global_batch_size=n_samples * world,
             tokens=tokens,
             step_time_s=seconds,
             tokens_per_s=tokens / seconds,
