@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -175,7 +175,9 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
-        self.model = self.optimizer = None  # type: ignore[assignment]
+        # The wrapped model, and what else may hold the process group (ZeRO's optimizer, FSDP's DTensors).
+        self.model = self.optimizer = self.scheduler = None  # type: ignore[assignment]
+        self.params = []
         errors = []
         for cb in reversed(self.callbacks):
             try:
