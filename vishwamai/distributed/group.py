@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vishwamai.config import VishwamaiConfig
-from vishwamai.distributed import Parallelism, bounded_teardown
+from vishwamai.distributed.base import Parallelism, bounded_teardown
 from vishwamai.errors import ConfigError
 
 log = logging.getLogger(__name__)

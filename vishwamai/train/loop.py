@@ -170,7 +170,7 @@ class Trainer:
 
     def close(self, failed: bool = False) -> None:
         """Release the run's resources, in torchtitan's order: the wrapped model (and with it DDP's
-        reference to the process group), then the callbacks in reverse, then the process group
+        reference to the process group), then the callbacks in reverse, the data reader, then the process group
         (after a barrier, unless `failed`: a peer may never reach it)."""
         if self._closed:
             return
@@ -185,6 +185,9 @@ class Trainer:
             except Exception as error:  # noqa: BLE001 - every callback gets to release its part
                 errors.append(error)
         self.callbacks = []  # no callback keeps the run alive through the trainer (or vice versa)
+        close_sampler = getattr(self.sampler, "close", None)  # the read-ahead thread (data.prefetch)
+        if close_sampler is not None:
+            close_sampler()
         self.parallel.shutdown(failed=failed)
         for error in errors:
             log.error("a callback failed to close: %r", error)
