@@ -153,6 +153,10 @@ class CheckpointManager(Callback):
     def close(self) -> None:
         self._restore_sigterm_handler()  # e.g. a run that ended before training started
 
+    def wait_until_written(self) -> None:
+        """Every save submitted so far is written and published (serves Trainer.wait_for_checkpoints)."""
+        self.writer.flush()
+
     # -------------------------------------------------------------- saves
     def save_step(self, trainer) -> Path:
         """A resumable checkpoint of the last completed step (RUN_DIR/checkpoints/step-N); returns its path."""

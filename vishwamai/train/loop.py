@@ -139,6 +139,12 @@ class Trainer:
         run has no checkpointing.  Every rank calls it (a save may be collective)."""
         return None if self.checkpointer is None else self.checkpointer.save_step(self)
 
+    def wait_for_checkpoints(self) -> None:
+        """Block until every checkpoint saved so far is written and published (saves run in the
+        background): for a callback that hands a just-saved checkpoint to someone else (PBT)."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait_until_written()
+
     def add_param_group(self, params: list[torch.nn.Parameter], **options: Any) -> None:
         """Train `params` too (e.g. distillation projections) with the optimizer's lr schedule and the
         gradient clipping; call in on_init, before a resume restores the optimizer's state."""

@@ -63,14 +63,8 @@ class ApplyHyperparameters(Callback):
 
     def on_train_start(self, trainer) -> None:
         opt = trainer.cfg.training.optimizer
-        lr_factor = trainer.scheduler.get_last_lr()[0] / trainer.scheduler.base_lrs[0]
-        for i, group in enumerate(trainer.optimizer.param_groups):
-            group["initial_lr"] = opt.lr
-            group["lr"] = opt.lr * lr_factor
-            if i == 0:  # build_optimizer: group 0 holds the matrices that decay, group 1 the rest
-                group["weight_decay"] = opt.weight_decay
-        trainer.scheduler.base_lrs = [opt.lr] * len(trainer.optimizer.param_groups)
-        trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+        trainer.scale_lr(opt.lr / trainer.scheduler.base_lrs[0])  # every group follows the first's schedule
+        trainer.optimizer.param_groups[0]["weight_decay"] = opt.weight_decay  # build_optimizer: group 0 decays
 
 
 class PbtReporter(Callback):
@@ -93,6 +87,7 @@ class PbtReporter(Callback):
         from vishwamai.checkpoint.layout import checkpoints_root, step_name
         from vishwamai.checkpoint.manager import link_tree
 
+        trainer.wait_for_checkpoints()  # the step's checkpoint is written in the background
         saved = checkpoints_root(trainer.cfg.run_dir) / step_name(step)
         if not saved.is_dir():
             self.send(step, float(value), None)
