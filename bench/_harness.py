@@ -47,6 +47,21 @@ def spread(values: list[float]) -> str:
     return f"{m:,.0f} (±{(max(values) - min(values)) / 2 / m:.1%})" if m else "0"
 
 
+def throughput_table(results: dict[str, list[dict]], variant_header: str = "variant",
+                     rss: bool = False) -> tuple[dict[str, float], list[str]]:
+    """Median tokens/s per variant, and a Markdown table of tokens/s (with its spread) and step time
+    (and the RSS after the last round): the table every throughput bench prints."""
+    tps = {name: median([r["tokens_per_s"] for r in rs]) for name, rs in results.items()}
+    rss_head, rss_rule = (" RSS MB after |", "---|") if rss else ("", "")
+    lines = [f"| {variant_header} | tokens/s (median, ±half-range) | step ms (median) |{rss_head}",
+             f"|---|---|---|{rss_rule}"]
+    for name, rs in results.items():
+        rss_cell = f" {rs[-1]['rss_mb']:.0f} |" if rss else ""
+        lines.append(f"| {name} | {spread([r['tokens_per_s'] for r in rs])} | "
+                     f"{median([r['step_ms'] for r in rs]):.1f} |{rss_cell}")
+    return tps, lines + [""]
+
+
 def record(title: str, lines: list[str]) -> None:
     """Print and append a dated block to bench/RESULTS.md."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

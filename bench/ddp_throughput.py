@@ -17,14 +17,13 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import interleave, median, record, spread  # noqa: E402
+from _harness import interleave, record, throughput_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -115,12 +114,7 @@ def main() -> None:
     if args.code:
         variants[f"vishwamai Trainer ({args.code})"] = lambda: launch("trainer", args, args.code.resolve())
     results = interleave(variants, args.rounds)
-    tps = {name: median([r["tokens_per_s"] for r in rs]) for name, rs in results.items()}
-    lines = ["| variant (2 ranks, gloo) | tokens/s (median, ±half-range) | step ms (median) |", "|---|---|---|"]
-    for name, rs in results.items():
-        lines.append(f"| {name} | {spread([r['tokens_per_s'] for r in rs])} | "
-                     f"{statistics.median(r['step_ms'] for r in rs):.1f} |")
-    lines.append("")
+    tps, lines = throughput_table(results, "variant (2 ranks, gloo)")
     bare = tps["bare DDP loop"]
     for name in tps:
         if name != "bare DDP loop":

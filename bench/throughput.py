@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _harness import interleave, median, record, spread  # noqa: E402
+from _harness import interleave, median, record, throughput_table  # noqa: E402
 
 from vishwamai.config import DataConfig, ModelConfig  # noqa: E402
 from vishwamai.data import SequenceSampler, load_token_data  # noqa: E402
@@ -176,12 +176,7 @@ def main() -> None:
     if args.only:
         variants = {name: fn for name, fn in variants.items() if name in args.only}
     results = interleave(variants, args.rounds)
-    tps = {name: median([r["tokens_per_s"] for r in rs]) for name, rs in results.items()}
-    lines = ["| variant | tokens/s (median, ±half-range) | step ms (median) | RSS MB after |", "|---|---|---|---|"]
-    for name, rs in results.items():
-        lines.append(f"| {name} | {spread([r['tokens_per_s'] for r in rs])} | "
-                     f"{median([r['step_ms'] for r in rs]):.1f} | {rs[-1]['rss_mb']:.0f} |")
-    lines.append("")
+    tps, lines = throughput_table(results, rss=True)
     if "bare_loop" in tps and "vishwamai" in tps:
         lines.append(f"- vishwamai / bare loop: **{tps['vishwamai'] / tps['bare_loop']:.3f}** (target >= 0.97)")
     if "bare_loop" in tps and "vishwamai+monitoring+ckpt" in tps:
