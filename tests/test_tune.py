@@ -277,6 +277,21 @@ def test_trial_runs_nest_under_the_study_mlflow_run(tmp_path, tiny_overrides):
     assert "best_value" in parent.data.metrics
 
 
+def test_a_study_leaves_the_callers_tracking_uri_as_it_found_it(tmp_path, tiny_overrides, monkeypatch):
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI: a study that left it set sent the next study
+    in the same process (which honours that variable) into its own store."""
+    from vishwamai.tune.tracking import StudyRun
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_config(study_overrides(tiny_overrides) + ["monitoring.enabled=true", "monitoring.mlflow.enabled=true"],
+                         run_dir=str(tmp_path))
+    parent = StudyRun(cfg, tmp_path)
+    parent.start("s", None, {"x": 1})
+    assert os.environ.get("MLFLOW_TRACKING_URI") == parent.uri  # MLflow's export, for its subprocesses
+    parent.end()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("cmaes", "successive_halving"),
                                              ("grid", "none"), ("random", "median")])

@@ -7,6 +7,7 @@ id is kept with the study, so the study shows as one tree in the MLflow UI.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,12 +31,18 @@ class StudyRun:
         self.uri = tracking_uri(cfg, run_dir)
         self.experiment = cfg.monitoring.mlflow.experiment
         self.run_id: Optional[str] = None
+        self._env_before: Optional[str] = None
 
     def start(self, study_name: str, run_id: Optional[str], params: dict[str, Any]) -> Optional[str]:
         if self.uri is None:
             return None
         import mlflow
 
+        from vishwamai.monitoring.mlflow_sink import TRACKING_URI_ENV
+
+        # set_tracking_uri also exports $MLFLOW_TRACKING_URI (for MLflow's subprocesses); end() puts the
+        # caller's value back, or a later study in this process would write into this one's store.
+        self._env_before = os.environ.get(TRACKING_URI_ENV)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(self.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else f"study-{study_name}",
@@ -61,3 +68,4 @@ class StudyRun:
 
         mlflow.end_run(status="FAILED" if failed else "FINISHED")
         self.run_id = None
+        mlflow.set_tracking_uri(self._env_before)  # None unsets $MLFLOW_TRACKING_URI again
