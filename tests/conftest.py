@@ -65,3 +65,13 @@ def run_module() -> Callable[..., subprocess.CompletedProcess]:
     """`run_module(module, *args, **subprocess_kwargs)`: `python -m module args` in a real child process,
     output captured as text (the CLI exactly as a user runs it: Hydra, exit codes, stderr)."""
     return _run_module
+
+
+class MetricsSink:
+    """Records KFP metrics (`log_metric`) as a dict: a stand-in for a component's Output[Metrics]."""
+
+    def __init__(self):
+        self.values = {}
+
+    def log_metric(self, name, value):
+        self.values[name] = value

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import MetricsSink as Sink
 from pipelines.cli import main as cli_main, parse_params, parse_toleration, upload
 from pipelines.training_pipeline import STAGE_ORDER, PodSettings, compile_pipeline
 from vishwamai.kubeflow import stages
@@ -313,14 +314,6 @@ def test_upload_into_a_profile_namespace_is_namespaced():
 
 
 # ---------------------------------------------------------------------------------- stage glue
-class Sink:
-    def __init__(self):
-        self.values = {}
-
-    def log_metric(self, name, value):
-        self.values[name] = value
-
-
 def test_summary_becomes_metrics_with_perplexity():
     sink = Sink()
     stages.log_summary(sink, {"final_val_loss": 2.0, "steps": 10, "run_dir": "/x", "best_val_loss": float("nan")})

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from conftest import MetricsSink as Sink
 from crd_schemas import crd_errors, pytorchjob_webhook_errors
 from vishwamai.kubeflow import pytorchjob as pj
 from vishwamai.kubeflow import stages
@@ -29,14 +30,6 @@ def job(name: str = "vishwamai-pretrain-abc", **kw) -> dict:
     settings = {"image": "registry.example.com/vishwamai:1.0-cuda", "nodes": 3, "nproc_per_node": 2, "pvc": "shared",
                 "resources": RESOURCES, **kw}
     return pj.build_job(name, "team", overrides=[], **settings)
-
-
-class Sink:
-    def __init__(self):
-        self.values = {}
-
-    def log_metric(self, name, value):
-        self.values[name] = value
 
 
 # ------------------------------------------------------------------------------------ the generated job
