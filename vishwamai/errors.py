@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 # The exit-code policy of every vishwamai command (the CLI, its own launcher, the torchrun wrapper):
 # 0 done; 2 for an error a retry cannot fix (bad config, bad data, a NaN run), reported without a
 # traceback and naming the key or file: Kubernetes restart policies key on it so such a pod is not
@@ -40,3 +42,10 @@ class CheckpointError(VishwamaiError):
 
 class InsufficientMemoryError(VishwamaiError):
     pass
+
+
+def report_user_error(error: BaseException) -> int:
+    """A command-line tool's answer to a user's mistake: one line on stderr, no traceback; returns the
+    exit code (EXIT_NON_RETRYABLE: running it again the same way fails the same way)."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return EXIT_NON_RETRYABLE

@@ -132,15 +132,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="int8 models on the compiled torchao path (mode dynamic; falls back, logged)")
     args = parser.parse_args(argv)
-    from vishwamai.errors import VishwamaiError
+    from vishwamai.errors import VishwamaiError, report_user_error
 
     try:
         report = evaluate_models(parse_models(args.model), args.output,
                                  DataConfig(path=args.data_path, seq_len=args.seq_len), eval_batches=args.eval_batches,
                                  compile=args.compile)
     except VishwamaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(e)
     print(markdown_table(report["models"]), end="")
     return 0
 

@@ -14,7 +14,7 @@ import argparse
 import sys
 from typing import Optional
 
-from vishwamai.errors import EXIT_NON_RETRYABLE, VishwamaiError
+from vishwamai.errors import VishwamaiError, report_user_error
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -28,8 +28,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         path = export(args.source, args.output, args.dtype)
     except VishwamaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_NON_RETRYABLE
+        return report_user_error(e)
     print(f"exported {args.source} -> {path} ({args.dtype})")
     return 0
 

@@ -204,14 +204,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--data-path", default=None, help="calibration/validation text (default: embedded corpus)")
     parser.add_argument("--seq-len", type=int, default=DataConfig.seq_len)
     args = parser.parse_args(argv)
-    from vishwamai.errors import VishwamaiError
+    from vishwamai.errors import VishwamaiError, report_user_error
 
     try:
         report = quantize_model_dir(args.model, args.output, args.mode, args.calibration_steps,
                                     DataConfig(path=args.data_path, seq_len=args.seq_len), args.compile)
     except VishwamaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(e)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vishwamai.checkpoint.io import read_model_config, save_model
 from vishwamai.distributed.checkpoint import load_full_model_state
-from vishwamai.errors import VishwamaiError
+from vishwamai.errors import VishwamaiError, report_user_error
 
 
 def consolidate(sharded_dir: str | Path, out_dir: str | Path) -> Path:
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = consolidate(args.sharded_dir, args.out_dir)
     except VishwamaiError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_user_error(e)
     print(f"wrote {out}")
     return 0
 

@@ -28,7 +28,6 @@ import base64
 import contextlib
 import math
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
@@ -67,13 +66,12 @@ def user_errors() -> Iterator[None]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from vishwamai.errors import EXIT_NON_RETRYABLE, VishwamaiError
+    from vishwamai.errors import VishwamaiError, report_user_error
 
     try:
         yield
     except (HydraException, OmegaConfBaseException, VishwamaiError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NON_RETRYABLE) from None
+        raise SystemExit(report_user_error(e)) from None
 
 
 def data_overrides(dataset_dir: str, corpus: Optional[str]) -> list[str]:
