@@ -223,6 +223,45 @@ def test_chunked_tokenization_gives_the_tokens_of_the_whole_file(tmp_path):
     assert whole == tok.encode(data.decode("utf-8", errors="replace")) + [tok.eos_id]
 
 
+def _bpe_tokenizer(kind: str, text: str):
+    """A small BPE tokenizer trained on `text`, pre-tokenized the way a family of HF models does."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "byte-level (GPT-2, Llama 3, Qwen)":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif kind == "metaspace with a BOS (Llama 2, Mistral)":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    else:  # old sentencepiece conversions: a space prepended to every encode() call, no pre-tokenizer
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    if kind.startswith("metaspace"):
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+@pytest.mark.parametrize("kind, in_parts", [("byte-level (GPT-2, Llama 3, Qwen)", True),
+                                            ("metaspace with a BOS (Llama 2, Mistral)", True),
+                                            ("prepend normalizer (old sentencepiece)", False)])
+def test_a_bpe_tokenizer_encodes_a_big_file_in_parts_exactly_or_whole(tmp_path, kind, in_parts):
+    pytest.importorskip("tokenizers")
+    from vishwamai.data.dataset import build_token_file
+    from vishwamai.data.tokenizer import HFTokenizerFile
+
+    text = "".join(f"def f{i}(x):\n    return x  *  {i} # naïve café 日本語\n\n  The quick fox {i}, jumps. "
+                   for i in range(300))
+    path = tmp_path / "tokenizer.json"
+    _bpe_tokenizer(kind, text).save(str(path))
+    tok = HFTokenizerFile(str(path))
+    corpus = tmp_path / "one.txt"
+    corpus.write_text(text)
+    assert tok.splits_at_spaces == in_parts  # the probe finds whether cutting at spaces is exact
+    parts = list(tok.encode_stream(text[i:i + 500] for i in range(0, len(text), 500)))
+    assert len(parts) > 10 if in_parts else len(parts) == 1  # memory bounded by a piece, or whole
+    tokens = np.fromfile(build_token_file([corpus], tok, tmp_path / "cache", chunk_bytes=512), dtype=np.uint16)
+    assert tokens.tolist() == tok.encode(text) + [tok.eos_id]  # exactly the whole document's ids
+
+
 def test_a_binary_file_is_refused_naming_it(tmp_path):
     elf = Path(sys.executable).resolve()
     assert elf.read_bytes()[:4] == b"\x7fELF", "needs an ELF interpreter (Linux)"

@@ -15,14 +15,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
 from vishwamai.config import DataConfig
 from vishwamai.data.corpus import CHUNK_BYTES, iter_documents, resolve_sources
-from vishwamai.data.tokenizer import ByteTokenizer, Tokenizer, build_tokenizer
+from vishwamai.data.tokenizer import Tokenizer, build_tokenizer
 from vishwamai.errors import DataError
 
 DEFAULT_CACHE = Path.home() / ".cache" / "vishwamai" / "data"
@@ -47,7 +47,8 @@ def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path,
     """Tokenise `files` into out_dir/tokens.bin (+ meta.json), atomically; reuse if present.
 
     Text is tokenized piece by piece (at most about `chunk_bytes` of it at a time) straight into the
-    file, so peak memory does not depend on the size of the largest file (see _encode_document).
+    file, so peak memory does not depend on the size of the largest file (Tokenizer.encode_stream:
+    exact piece by piece for the byte tokenizer and for BPE tokenizers that cut at spaces).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = out_dir / "tokens.bin", out_dir / "meta.json"
@@ -64,7 +65,8 @@ def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path,
     try:
         with open(tmp_bin, "wb") as fh:
             for doc in iter_documents(files, chunk_bytes):
-                for ids in _encode_document(tokenizer, doc, dtype):
+                for part in tokenizer.encode_stream(doc):
+                    ids = np.asarray(part).astype(dtype, copy=False)
                     fh.write(ids.tobytes())
                     counts += np.bincount(ids, minlength=tokenizer.vocab_size)
                     n_tokens += len(ids)
@@ -90,21 +92,6 @@ def build_token_file(files: list[Path], tokenizer: Tokenizer, out_dir: Path,
     os.replace(tmp_bin, bin_path)
     os.replace(tmp_meta, meta_path)
     return bin_path
-
-
-def _encode_document(tokenizer: Tokenizer, pieces: Iterator[str], dtype: type) -> Iterator[np.ndarray]:
-    """A document's token ids, one array per piece of text.
-
-    The byte tokenizer encodes each piece on its own: exact, since the UTF-8 bytes of a + b are those
-    of a then b, and one piece is all it holds (an array, not a Python int per byte).  Another
-    tokenizer may merge across any cut (BPE merges, a prefix space, special tokens per call), so it
-    gets the document whole: a single huge file is better split into JSONL records for it.
-    """
-    if isinstance(tokenizer, ByteTokenizer):
-        for piece in pieces:
-            yield np.frombuffer(piece.encode("utf-8"), dtype=np.uint8).astype(dtype)
-    else:
-        yield np.asarray(tokenizer.encode("".join(pieces)), dtype=dtype)
 
 
 class TokenFile:
