@@ -54,6 +54,8 @@ def test_wrong_type_is_rejected_with_its_name(override, key):
     (["checkpointing.mode=sideways"], "checkpointing.mode"),
     (["training.compile=true", "training.compile_mode=fastest"], "training.compile_mode"),
     (["training.compile_mode=max-autotune"], "training.compile_mode"),  # would be ignored without compile
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0.5"], "model.rope_scaling.factor"),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=4"], "model.rope_scaling.low_freq_factor"),
     (["distillation.quantization.enabled=true", "distillation.quantization.precision=int4"],
      "distillation.quantization.precision"),
 ])
@@ -145,3 +147,10 @@ def test_cli_model_too_big_for_machine_fails_fast_with_memory_needed(tmp_path, r
     proc = run_module("vishwamai.training_v2", "model=10B", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "needs about" in proc.stderr and "GiB" in proc.stderr and "10B" in proc.stderr
+
+
+def test_a_rope_scaling_variant_not_implemented_fails_loudly_naming_it():
+    from vishwamai.errors import NotImplementedYet
+
+    with pytest.raises(NotImplementedYet, match="model.rope_scaling.type='yarn'"):
+        validate(compose_config(["model.rope_scaling.type=yarn"], run_dir="/tmp/x"))

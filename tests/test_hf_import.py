@@ -35,6 +35,27 @@ def test_imported_model_gives_the_same_logits_as_transformers(tmp_path, kind, ov
     assert torch.allclose(_ours(d), hf_logits(d, TOKENS), atol=1e-4, rtol=0)
 
 
+def test_llama3_rope_scaling_is_imported_and_exported_with_the_same_logits(tmp_path):
+    # An original context of 16 tokens puts every rotary frequency of this model in the scaled or the
+    # blended band within the 24 test positions: a wrong formula shows in the logits.
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    d = save_tiny("llama", tmp_path / "llama3", rope_scaling=scaling)
+    cfg = read_model_config(d)
+    assert (cfg.rope_scaling.factor, cfg.rope_scaling.original_max_seq_len) == (4.0, 16)
+    ours = _ours(d)
+    error = (ours - hf_logits(d, TOKENS)).abs().max()
+    assert error < 1e-4
+    plain = save_tiny("llama", tmp_path / "plain")  # the same weights without the scaling: visibly other logits
+    assert (ours - hf_logits(plain, TOKENS)).abs().max() > 100 * error
+
+    from vishwamai.hf.export import export
+
+    exported = export(d, tmp_path / "out")  # and out again: transformers reads the same scaling
+    assert json.loads((exported / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
+    assert torch.allclose(ours, hf_logits(exported, TOKENS), atol=1e-4, rtol=0)
+
+
 def test_sharded_index_and_bf16_checkpoint_load_into_float32(tmp_path):
     sharded = save_tiny("llama", tmp_path / "sharded", shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()

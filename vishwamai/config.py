@@ -27,6 +27,19 @@ from vishwamai.errors import ConfigError, NotImplementedYet
 
 # --------------------------------------------------------------------------- model
 @dataclass
+class RopeScalingConfig:
+    # null = plain RoPE. "llama3": Llama 3.1+'s long-context RoPE (Hugging Face rope_type "llama3", the one
+    # variant implemented; imported Llama 3.1/3.2/3.3 models carry it): rotary frequencies whose wavelength
+    # exceeds original_max_seq_len / low_freq_factor are divided by `factor`, those under
+    # original_max_seq_len / high_freq_factor are kept, and the band between is blended.
+    type: Optional[str] = None
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = 257
@@ -41,12 +54,17 @@ class ModelConfig:
     dropout_rate: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     # Biases on the query/key/value projections (Qwen2-family models have them).
     qkv_bias: bool = False
     init_std: float = 0.02
     # Shard-group size for model_parallel (hybrid sharding), see distributed/.
     parallel_factor: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # read back from model_config.json / a plain container
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
 
 
 # ---------------------------------------------------------------------------- data
@@ -458,6 +476,16 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"got {value!r}, expected one of {list(choices)}")
 
 
+def _validate_rope_scaling(r: RopeScalingConfig) -> None:
+    if r.type != "llama3":
+        raise NotImplementedYet(f"model.rope_scaling.type={r.type!r}", "only 'llama3' rope scaling is implemented")
+    _check(r.factor >= 1.0, "model.rope_scaling.factor", f"must be >= 1, got {r.factor}")
+    _check(0 < r.low_freq_factor < r.high_freq_factor, "model.rope_scaling.low_freq_factor",
+           f"need 0 < low_freq_factor < high_freq_factor, got {r.low_freq_factor} and {r.high_freq_factor}")
+    _check(r.original_max_seq_len > 0, "model.rope_scaling.original_max_seq_len",
+           f"must be > 0, got {r.original_max_seq_len}")
+
+
 # Float-typed schema fields; the lists are checked element by element.
 _FLOAT_HINTS = (float, Optional[float])
 _FLOAT_LIST_HINTS = (list[float], Optional[list[float]])
@@ -491,6 +519,8 @@ def validate(cfg: DictConfig | VishwamaiConfig) -> None:
                f"must divide n_heads={m.n_heads}, got {m.n_kv_heads}")
     _check(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate", f"must be in [0, 1), got {m.dropout_rate}")
     _check(m.rope_theta > 0, "model.rope_theta", f"must be > 0, got {m.rope_theta}")
+    if m.rope_scaling.type is not None:
+        _validate_rope_scaling(m.rope_scaling)
     _check(m.norm_eps > 0, "model.norm_eps", f"must be > 0, got {m.norm_eps}")
 
     _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")

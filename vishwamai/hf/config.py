@@ -3,7 +3,7 @@
 Import reads both config layouts found on disk: transformers 4's top-level `rope_theta` /
 `rope_scaling` and transformers 5's `rope_parameters`.  Export writes the transformers-4
 layout, which transformers 5, vLLM, TGI and the llama.cpp converters all read.
-Anything the Transformer cannot reproduce exactly (a rope scaling variant, attention or MLP
+Anything the Transformer cannot reproduce exactly (a rope scaling variant other than Llama 3's, attention or MLP
 biases Llama may carry, a head_dim other than hidden/heads, another activation) is refused
 by name, never ignored.
 """
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vishwamai.config import ModelConfig
+from vishwamai.config import ModelConfig, RopeScalingConfig
 from vishwamai.errors import CheckpointError
 
 HF_CONFIG_FILE = "config.json"
@@ -45,15 +45,34 @@ def is_convertible(config: dict[str, Any]) -> bool:
     return architecture(config) in CONVERTIBLE
 
 
-def _rope(config: dict[str, Any], source: Path) -> float:
-    """rope_theta; a scaling variant other than the default is refused by name."""
+def _rope(config: dict[str, Any], source: Path) -> tuple[float, RopeScalingConfig]:
+    """rope_theta and Llama 3's rope scaling; any other scaling variant is refused by name."""
     params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or "default"
-    if kind != "default":
-        raise CheckpointError(f"{source}: rope scaling {kind!r} is not implemented yet (only plain RoPE); "
-                              "this model cannot be converted")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = config.get("rope_scaling") or params
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return theta, RopeScalingConfig()
+    if kind != "llama3":
+        raise CheckpointError(f"{source}: rope scaling {kind!r} is not implemented yet (plain RoPE and 'llama3' "
+                              "are); this model cannot be converted")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in scaling]
+    if missing:
+        raise CheckpointError(f"{source}: rope scaling 'llama3' without {', '.join(missing)}")
+    return theta, RopeScalingConfig(type="llama3", factor=float(scaling["factor"]),
+                                    low_freq_factor=float(scaling["low_freq_factor"]),
+                                    high_freq_factor=float(scaling["high_freq_factor"]),
+                                    original_max_seq_len=int(scaling["original_max_position_embeddings"]))
+
+
+def _rope_scaling_entry(scaling: RopeScalingConfig) -> dict[str, Any] | None:
+    """config.json's rope_scaling for the exported model (transformers 4 layout)."""
+    if scaling.type is None:
+        return None
+    return {"rope_type": scaling.type, "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len}
 
 
 def _require(config: dict[str, Any], key: str, source: Path) -> Any:
@@ -85,6 +104,7 @@ def to_model_config(config: dict[str, Any], source: str | Path) -> ModelConfig:
     window = config.get("sliding_window")
     if window and (arch != "Qwen2ForCausalLM" or config.get("use_sliding_window")):
         max_len = min(max_len, window)
+    rope_theta, rope_scaling = _rope(config, source)
     return ModelConfig(
         name=f"hf-{CONVERTIBLE[arch]}",
         vocab_size=_require(config, "vocab_size", source),
@@ -96,7 +116,8 @@ def to_model_config(config: dict[str, Any], source: str | Path) -> ModelConfig:
         max_seq_len=max_len,
         dropout_rate=0.0,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rope_theta=_rope(config, source),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         init_std=float(config.get("initializer_range", 0.02)),
         qkv_bias=arch == "Qwen2ForCausalLM",
@@ -122,7 +143,7 @@ def from_model_config(cfg: ModelConfig, dtype: str, eos_id: int | None, bos_id: 
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": _rope_scaling_entry(cfg.rope_scaling),
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "attention_dropout": 0.0,
