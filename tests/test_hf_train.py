@@ -158,3 +158,17 @@ def test_student_init_is_validated(tmp_path, tiny_overrides):
         with pytest.raises(ConfigError, match=re.escape(words)) as err:
             validate(cfg)
         assert err.value.key == "distillation.student_init"
+
+
+def test_init_from_a_llama3_rope_scaled_model_trains_and_keeps_its_scaling(tmp_path, tiny_overrides):
+    from vishwamai.checkpoint import find_model_dir, read_model_config
+    from vishwamai.config import RopeScalingConfig
+
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    model_dir = save_tiny("llama", tmp_path / "llama", rope_scaling=scaling)
+    summary = run(compose_config(tiny_overrides + FAST + [f"training.init_from={model_dir}"],
+                                 run_dir=str(tmp_path / "run")))
+    assert summary["steps"] == 3
+    assert read_model_config(find_model_dir(tmp_path / "run")).rope_scaling == RopeScalingConfig(
+        type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16)

@@ -48,9 +48,9 @@ def adopt_architecture(cfg: DictConfig) -> None:
         source = read_model_config(find_model_dir(cfg.training.init_from))
     except CheckpointError as e:
         raise ConfigError("training.init_from", str(e)) from e
-    for key, value in dataclasses.asdict(source).items():
-        if key != "parallel_factor":
-            cfg.model[key] = value
+    for field in dataclasses.fields(source):
+        if field.name != "parallel_factor":
+            cfg.model[field.name] = getattr(source, field.name)  # a nested group stays a dataclass
 
 
 def load_weights_into(model: torch.nn.Module, path: str) -> None:

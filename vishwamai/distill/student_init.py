@@ -17,7 +17,8 @@ from vishwamai.model.transformer import ffn_hidden_size
 
 KEY = "distillation.student_init"
 # Per-block shapes and numerics the student takes from the teacher (model.n_layers stays its own).
-ADOPTED = ("vocab_size", "n_heads", "n_kv_heads", "tie_embeddings", "rope_theta", "norm_eps", "qkv_bias")
+ADOPTED = ("vocab_size", "n_heads", "n_kv_heads", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps",
+           "qkv_bias")
 
 
 def teacher_config(cfg) -> ModelConfig:
