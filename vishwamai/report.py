@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from vishwamai.errors import DataError
 from vishwamai.monitoring.logger import TIME_KEY
+from vishwamai.run_files import METRICS_FILE, REPORT_MD, REPORT_PNG, SUMMARY_FILE
 
 # (panel title, y label, metrics.jsonl keys drawn in it)
 PANELS = (
@@ -37,7 +38,7 @@ SUMMARY_ROWS = (
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         raise DataError(f"{path}: no metrics.jsonl (is {run_dir} a run directory?)")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -100,9 +101,9 @@ def write_report(run_dir: str | Path, summary: Optional[dict[str, Any]] = None) 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     if summary is None:
-        path = run_dir / "summary.json"
+        path = run_dir / SUMMARY_FILE
         summary = json.loads(path.read_text()) if path.is_file() else {}
-    png, md = run_dir / "report.png", run_dir / "report.md"
+    png, md = run_dir / REPORT_PNG, run_dir / REPORT_MD
     plot(records, png, title=str(run_dir.resolve()))
     md.write_text(markdown(run_dir, summary, records[-1], png))
     return {"png": png, "markdown": md}

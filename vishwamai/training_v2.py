@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from vishwamai.config import check_device, register_schema, validate
 from vishwamai.config import compose_config  # noqa: F401 - public here too (tests, components, notebooks)
 from vishwamai.errors import EXIT_NON_RETRYABLE, EXIT_PREEMPTED, ConfigError, VishwamaiError
+from vishwamai.run_files import CONFIG_FILE, SUMMARY_FILE
 
 register_schema()
 
@@ -132,7 +133,7 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
                                               f"vocabulary ({data.vocab_size}, data.tokenizer={cfg.data.tokenizer})")
     if parallel.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(cfg, run_dir / CONFIG_FILE, resolve=True)
 
     with build_trainer(cfg, parallel, data, device, run_dir, extra_callbacks) as trainer:  # close()s the run
         if t.resume:  # before on_train_start: every callback starts from the restored state
@@ -145,7 +146,7 @@ def recipe(cfg: DictConfig, extra_callbacks: list = ()) -> dict[str, Any]:
             from vishwamai.monitoring import finish_monitoring
 
             summary.update(finish_monitoring(cfg, run_dir, summary))  # report.png/.md, summary into MLflow
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
     return summary
 
 

@@ -19,9 +19,9 @@ from vishwamai.checkpoint.atomic import read_pointer, write_pointer
 from vishwamai.checkpoint.layout import (ABANDONED_DIR, BEST, CHECKPOINTS_DIR, LATEST, checkpoints_after,
                                          checkpoints_root, resume_candidates)
 from vishwamai.checkpoint.manifest import MANIFEST_FILE, verify
-from vishwamai.checkpoint.rundir import METRICS_FILE
 from vishwamai.checkpoint.state import TRAINER_STATE_FILE, load_checkpoint
 from vishwamai.errors import CheckpointError
+from vishwamai.run_files import METRICS_FILE
 
 log = logging.getLogger(__name__)
 

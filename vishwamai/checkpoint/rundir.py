@@ -16,13 +16,13 @@ from vishwamai.checkpoint.atomic import remove_tree
 from vishwamai.checkpoint.layout import (ABANDONED_DIR, BEST, CHECKPOINTS_DIR, FINAL, LATEST, checkpoints_root,
                                          step_dirs)
 from vishwamai.errors import ConfigError
+from vishwamai.run_files import METRICS_FILE, REPORT_MD, REPORT_PNG, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 # What a run writes into its directory (besides config.yaml, rewritten at every start, Hydra's own
 # .hydra/ and log, and mlflow.db, which keeps each run apart).  training.overwrite removes these.
-RUN_OUTPUTS = (CHECKPOINTS_DIR, ABANDONED_DIR, METRICS_FILE, "summary.json", "report.png", "report.md",
+RUN_OUTPUTS = (CHECKPOINTS_DIR, ABANDONED_DIR, METRICS_FILE, SUMMARY_FILE, REPORT_PNG, REPORT_MD,
                "tensorboard", "wandb", "pruned", "quantized")
 
 

@@ -28,6 +28,7 @@ from vishwamai.config import ModelConfig
 from vishwamai.errors import CheckpointError, ConfigError
 from vishwamai.hf.config import GENERATION_CONFIG_FILE, HF_CONFIG_FILE, from_model_config
 from vishwamai.hf.weights import SINGLE_FILE, to_hf_state
+from vishwamai.run_files import CONFIG_FILE
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -68,7 +69,7 @@ def source_state(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
 def run_tokenizer(directory: Path) -> str:
     """data.tokenizer of the run the model came from, else the directory's own tokenizer, else "byte"."""
     for candidate in (directory, directory.parent, directory.parent.parent):
-        config = candidate / "config.yaml"
+        config = candidate / CONFIG_FILE
         if config.is_file():
             return str(OmegaConf.select(OmegaConf.load(config), "data.tokenizer", default="byte"))
     if (directory / "tokenizer.json").is_file():  # a Hugging Face model directory's own

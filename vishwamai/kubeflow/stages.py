@@ -32,6 +32,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional, Protocol
 
+from vishwamai.run_files import CONFIG_FILE, METRICS_FILE, REPORT_MD, REPORT_PNG, SUMMARY_FILE
+
 
 class MetricsSink(Protocol):
     def log_metric(self, metric: str, value: float) -> None: ...
@@ -55,7 +57,7 @@ def model_dir(path: str) -> str:
 
 
 # Files of a run directory a later stage (or a person) needs besides the model itself.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "report.md", "report.png")
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, REPORT_MD, REPORT_PNG)
 # Files of a checkpoint only resuming needs; the manifest is rewritten for what is copied.
 TRAINING_ONLY = ("trainer_state.pt", "manifest.json")
 
@@ -225,7 +227,7 @@ def run_data_config(run_dir: str, dataset_dir: str, corpus: Optional[str] = None
 
     from vishwamai.config import DataConfig
 
-    recorded = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml").data)
+    recorded = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG_FILE).data)
     known = {f.name for f in dataclasses.fields(DataConfig)}
     here = {"cache_dir": dataset_dir, **({"path": corpus} if corpus else {})}
     return DataConfig(**{**{k: v for k, v in recorded.items() if k in known}, **here})
@@ -269,13 +271,13 @@ def evaluate(models: dict[str, str], dataset: str, output_dir: str, metrics: Met
     from vishwamai.evaluate import evaluate_models
 
     out = Path(output_dir)
-    recorded = [path for path in models.values() if (Path(path) / "config.yaml").is_file()]
+    recorded = [path for path in models.values() if (Path(path) / CONFIG_FILE).is_file()]
     data_cfg = run_data_config(recorded[0], dataset, corpus)
     results = evaluate_models({name: model_dir(path) for name, path in models.items()}, out, data_cfg)
     log_numbers(metrics, results["models"])
     sections, plots = [(out / "evaluation.md").read_text()], [out / "evaluation.png"]
     for name, path in models.items():
-        if (Path(path) / "metrics.jsonl").is_file():  # a training stage's run directory
+        if (Path(path) / METRICS_FILE).is_file():  # a training stage's run directory
             run_report = training_report(path, out / name)
             body = run_report["markdown"].read_text().split("\n", 1)[1]  # minus its title
             body = "\n".join(line for line in body.splitlines() if not line.startswith("!["))  # plots go to HTML
@@ -294,7 +296,7 @@ def training_report(run_dir: str, out: Path) -> dict[str, Path]:
     from vishwamai.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "summary.json"):
+    for name in (METRICS_FILE, SUMMARY_FILE):
         if (Path(run_dir) / name).is_file():
             shutil.copy(Path(run_dir) / name, out / name)
     return write_report(out)
@@ -350,6 +352,6 @@ def pretrain_job(overrides: list[str], model_preset: str, steps: int, job: dict[
     custom, core = apis or pj.kubernetes_apis()
     pj.run_job(custom, core, job, timeout_s, poll_s)
     lean_model(pj.run_dir(name), model_out)
-    summary = json.loads((Path(model_out) / "summary.json").read_text())
+    summary = json.loads((Path(model_out) / SUMMARY_FILE).read_text())
     log_summary(metrics, summary)
     return summary

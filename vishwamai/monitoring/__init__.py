@@ -15,6 +15,7 @@ from vishwamai.errors import ConfigError
 from vishwamai.monitoring.logger import (BackgroundSink, JsonlSink, MetricsLogger, MetricSink, ProcessSink,
                                         SinkBase)
 from vishwamai.monitoring.progress import ProgressBar
+from vishwamai.run_files import METRICS_FILE
 
 __all__ = ["BackgroundSink", "JsonlSink", "MetricSink", "MetricsLogger", "ProcessSink", "ProgressBar", "SinkBase",
            "build_monitoring", "build_sinks", "check_backends", "finish_monitoring"]
@@ -41,7 +42,7 @@ def build_sinks(cfg: VishwamaiConfig, run_dir: Path) -> list[MetricSink]:
     mon = cfg.monitoring
     wandb = mon.enabled and mon.wandb.enabled
     check_backends(cfg)  # first: a missing package or W&B key fails before anything is written
-    sinks: list[MetricSink] = [JsonlSink(run_dir / "metrics.jsonl")]
+    sinks: list[MetricSink] = [JsonlSink(run_dir / METRICS_FILE)]
     if not mon.enabled:
         return sinks
     if wandb:

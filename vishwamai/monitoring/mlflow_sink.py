@@ -27,6 +27,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from vishwamai.monitoring.logger import SinkBase, logged_at, scalars
+from vishwamai.run_files import CONFIG_FILE, METRICS_FILE, REPORT_MD, REPORT_PNG, SUMMARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class MlflowSink(SinkBase):
         params = [Param(k, v) for k, v in self.params.items()]
         for i in range(0, len(params), BATCH_PARAMS):
             client.log_batch(self.run_id, params=params[i:i + BATCH_PARAMS])
-        config = self.run_dir / "config.yaml"
+        config = self.run_dir / CONFIG_FILE
         if config.is_file():
             client.log_artifact(self.run_id, str(config))
         client.set_tag(self.run_id, "vishwamai.world_size", str(trainer.parallel.world_size))
@@ -217,21 +218,21 @@ def upload(run_dir: Path, tracking_uri: Optional[str] = None) -> str:
 
     run_dir = Path(run_dir).resolve()
     pending = json.loads((run_dir / PENDING_FILE).read_text()) if (run_dir / PENDING_FILE).is_file() else {}
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     cfg.monitoring.mlflow.tracking_uri = tracking_uri or pending.get("tracking_uri") or cfg.monitoring.mlflow.tracking_uri
     sink = MlflowSink(cfg, run_dir)
     if pending.get("parent_run_id"):
         sink.parent = (pending["parent_run_id"], pending["parent_experiment_id"])
     sink.start(SimpleNamespace(parallel=SimpleNamespace(world_size=1)))
     _delete_partial_runs(sink.client, sink.run_id, str(run_dir))
-    with open(run_dir / "metrics.jsonl") as fh:
+    with open(run_dir / METRICS_FILE) as fh:
         for line in fh:
             record = json.loads(line)
             sink.log(record.pop("step"), record)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     sink.close(summary)
-    files = [run_dir / name for name in ("report.png", "report.md") if (run_dir / name).is_file()]
+    files = [run_dir / name for name in (REPORT_PNG, REPORT_MD) if (run_dir / name).is_file()]
     log_run_outputs(sink.uri, sink.run_id, summary, files)
     (run_dir / PENDING_FILE).unlink(missing_ok=True)
     return sink.run_id
@@ -251,6 +252,6 @@ def log_run_outputs(tracking_uri: str, run_id: str, summary: dict[str, Any], fil
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    client.log_dict(run_id, summary, "summary.json")
+    client.log_dict(run_id, summary, SUMMARY_FILE)
     for path in files:
         client.log_artifact(run_id, str(path))

@@ -7,13 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from vishwamai.run_files import CONFIG_FILE, METRICS_FILE
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vishwamai.monitoring.mlflow_upload", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--tracking-uri", help="default: the one the run used (RUN_DIR/mlflow_pending.json)")
     args = parser.parse_args(argv)
-    for name in ("config.yaml", "metrics.jsonl"):
+    for name in (CONFIG_FILE, METRICS_FILE):
         if not (args.run_dir / name).is_file():
             print(f"error: {args.run_dir / name} not found: not a run directory", file=sys.stderr)
             return 2
