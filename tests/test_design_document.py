@@ -159,6 +159,21 @@ def test_checkpointing_block(tmp_path, tiny_overrides):
     assert (tmp_path / "run" / "checkpoints" / "best").is_dir() and "final_checkpoint" in summary
 
 
+def test_amp_and_checkpointing_blocks_in_a_training_file(tmp_path):
+    # The document puts both blocks "in training/default.yaml": the training group's file holds the amp and
+    # checkpointing blocks, so a user's copy of it (DIR/training/mine.yaml, `--config-dir DIR training=mine`)
+    # with the document's blocks in place of ours configures both.
+    from importlib.resources import files
+
+    ours = OmegaConf.create((files("vishwamai.configs") / "training" / "default.yaml").read_text())
+    mine = OmegaConf.merge(ours, doc_yaml(AMP_BLOCK), doc_yaml(CHECKPOINT_BLOCK))
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "mine.yaml").write_text("# @package _global_\n" + OmegaConf.to_yaml(mine))
+    cfg = compose_config([f"hydra.searchpath=[file://{tmp_path}]", "training=mine"], run_dir=str(tmp_path / "r"))
+    assert (cfg.amp.enabled, cfg.amp.opt_level, cfg.checkpointing.save_zero_redundancy) == (True, "O2", True)
+    assert cfg.training == compose_config(run_dir="/tmp/x").training
+
+
 # ----------------------------------------------------------------- Dynamic Batch Sizing
 DYNAMIC_BATCH_BLOCK = """
 dynamic_batch_size:
