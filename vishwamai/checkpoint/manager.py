@@ -1,8 +1,10 @@
 """The checkpointing callback: periodic, best, preemption (SIGTERM) and final saves.
 
-Unsharded saves are asynchronous (writer.py): the step's state is copied on the training
-thread, then written and published by a background thread while training goes on.
-Sharded saves (every rank writes its shard, with collectives) stay synchronous.
+Saves are asynchronous (writer.py): the step's state is copied on the training thread, then
+written and published by a background thread while training goes on.  Sharded saves (FSDP,
+ZeRO) too: every rank copies its shard and its background thread writes it, the collectives of
+the write on a Gloo group of their own (Parallelism.background_group); the main rank publishes
+once every rank's shard is written.
 
 Its phase (ORDER_CHECKPOINT) puts it after the feature callbacks and before the loggers:
 a checkpoint taken at on_step_end holds every feature's state as of the end of the step,
@@ -27,7 +29,7 @@ from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, l
 from vishwamai.checkpoint.manifest import write_manifest
 from vishwamai.checkpoint.messages import write_failure
 from vishwamai.checkpoint.state import (assert_finite_weights, take_snapshot, uses_sharded_checkpoints,
-                                        write_checkpoint, write_snapshot)
+                                        write_snapshot)
 from vishwamai.checkpoint.writer import BackgroundWriter
 from vishwamai.errors import CheckpointError, VishwamaiError
 from vishwamai.train.events import ORDER_CHECKPOINT, Callback
@@ -83,6 +85,8 @@ class CheckpointManager(Callback):
         self._previous_handler = None
         self.preempted = False
         self.writer = BackgroundWriter()
+        self._parallel = None  # set in on_init: the ranks agree on a failed sharded write (_wait)
+        self._sharded = False
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -94,6 +98,7 @@ class CheckpointManager(Callback):
     # ------------------------------------------------------------- events
     def on_init(self, trainer) -> None:
         trainer.checkpointer = self  # serves Trainer.save_checkpoint() (e.g. dynamic batch giving up)
+        self._parallel, self._sharded = trainer.parallel, uses_sharded_checkpoints(trainer)
         # A SIGTERM on any rank (before the step's agreement) saves this step and stops every rank.
         trainer.agreement.register("sigterm", lambda: self._sigterm)
 
@@ -132,7 +137,7 @@ class CheckpointManager(Callback):
                 if self._best_pending:  # the loop's closing evaluation may have found a new best
                     self.save_best_checkpoint(trainer)
                 self.save_final(trainer)
-            self.writer.flush()  # e.g. the SIGTERM save: complete before the process exits
+            self._wait()  # e.g. the SIGTERM save: complete before the process exits
             latest = latest_dir(self.root)
             if latest is not None:
                 trainer.summary["latest_checkpoint"] = str(latest)
@@ -144,7 +149,10 @@ class CheckpointManager(Callback):
 
     def on_exception(self, trainer, *, error: BaseException) -> None:
         try:
-            self.writer.flush()  # a checkpoint taken before the failure is still worth completing
+            # A checkpoint taken before the failure is still worth completing. No agreement with the
+            # other ranks here (they may not be failing); a sharded write still in flight completes,
+            # its collectives being on their own group and threads.
+            self.writer.flush()
         except Exception as e:  # noqa: BLE001 - the original error is the one to report
             log.error("a checkpoint write failed too: %s", e)
         finally:
@@ -154,8 +162,26 @@ class CheckpointManager(Callback):
         self._restore_sigterm_handler()  # e.g. a run that ended before training started
 
     def wait_until_written(self) -> None:
-        """Every save submitted so far is written and published (serves Trainer.wait_for_checkpoints)."""
-        self.writer.flush()
+        """Every save submitted so far is written and published (serves Trainer.wait_for_checkpoints;
+        with sharded saves every rank calls it)."""
+        self._wait()
+
+    def _wait(self) -> None:
+        """Wait for the writes submitted so far; raise the first failed one's error.
+
+        With sharded saves every rank waits here at the same point and they agree (one gather): a
+        write that failed on one rank (the main rank's publication, say) fails every rank, with its
+        message, so no rank goes on to a sharded write that its peers would not join, or hangs in one.
+        """
+        error = self.writer.wait()
+        if self._sharded:
+            messages = self._parallel.gather_object(None if error is None else str(error))
+            failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+            if error is None and failed:
+                rank, message = failed[0]
+                raise CheckpointError(f"{message} (a checkpoint write failed on rank {rank})")
+        if error is not None:
+            raise error
 
     # -------------------------------------------------------------- saves
     def save_step(self, trainer) -> Path:
@@ -180,8 +206,8 @@ class CheckpointManager(Callback):
         if self._saved_step == trainer.state.step:
             if trainer.is_main:  # the same state was just saved: share its files, once they are written
                 saved = self.root / step_name(self._saved_step)
-                self._after_pending_writes(
-                    trainer, lambda: self._guarded(best, lambda tmp: (link_tree(saved, tmp), publish_dir(tmp, best))))
+                self.writer.submit(lambda: self._guarded(best, lambda tmp: (link_tree(saved, tmp),
+                                                                           publish_dir(tmp, best))))
         else:
             self._write(best, trainer, self.include_optimizer)
         self._best_pending = False
@@ -191,7 +217,7 @@ class CheckpointManager(Callback):
     def save_final(self, trainer) -> None:
         """RUN_DIR/checkpoints/final: the trained model only (what inference and distillation load)."""
         final, step = self.root / FINAL, trainer.state.step
-        self.writer.flush()  # the step-N it may share files with is published
+        self._wait()  # the step-N it may share files with is published
         assert_finite_weights(trainer, final)
         model_files = [WEIGHTS_FILE, MODEL_CONFIG_FILE]
         saved = self.root / step_name(step) if self._saved_step == step else None
@@ -214,53 +240,42 @@ class CheckpointManager(Callback):
         trainer.summary["final_checkpoint"] = str(final)
 
     def _write(self, final: Path, trainer, include_optimizer: bool, then=None) -> None:
-        """Save a full checkpoint as `final` (via a temporary dir, published atomically), then
-        run `then()` on the main rank; unsharded, in the background (the state is copied first)."""
+        """Save a full checkpoint as `final`: the state is copied now, on the training thread; the files
+        are written (sharded: by every rank), checked into the manifest and published (via a temporary
+        dir, atomically), then `then()` runs on the main rank, all in the background."""
         assert_finite_weights(trainer, final)
-        sharded = uses_sharded_checkpoints(trainer)
-        p = trainer.parallel
+        sharded, p = uses_sharded_checkpoints(trainer), trainer.parallel
         if not (sharded or trainer.is_main):
             p.barrier()  # the main rank has taken its snapshot
             return
-        if not sharded:
-            self.writer.flush()  # one snapshot in memory at a time; an earlier write's error surfaces here
-            snapshot = take_snapshot(trainer, include_optimizer)
+        self._wait()  # one snapshot in memory at a time; an earlier write's error surfaces here
+        shards = None
+        if sharded:  # (torch DCP takes ~1 s to import: only runs that save sharded pay for it)
+            from vishwamai.distributed.checkpoint import stage_sharded, write_sharded
 
-            def job() -> None:
-                self._guarded(final, lambda tmp: self._publish(tmp, final, write_snapshot(tmp, snapshot), snapshot.step))
-                if then is not None:
-                    then()
-
-            self.writer.submit(job)
-            p.barrier()
-            return
+            shards = stage_sharded(trainer, include_optimizer)  # this rank's part, copied
+        snapshot = take_snapshot(trainer, include_optimizer) if trainer.is_main else None
+        group = p.background_group() if sharded else None
+        # Made by the main rank before any rank writes into it (the barrier below).
+        tmp = temporary_dir(final) if trainer.is_main else final.parent / f"{TMP_PREFIX}{final.name}"
 
         def write(tmp: Path) -> None:
-            required = write_checkpoint(tmp, trainer, include_optimizer)
-            p.barrier()  # every rank's shard is on disk
-            if trainer.is_main:
-                self._publish(tmp, final, required, trainer.state.step)
+            # Sharded: returns once every rank's shard is on disk (its metadata file then required too).
+            required = write_sharded(tmp, shards, group) if shards is not None else []
+            if snapshot is not None:
+                self._publish(tmp, final, write_snapshot(tmp, snapshot) + required, snapshot.step)
 
-        tmp = final.parent / f"{TMP_PREFIX}{final.name}"
-        if trainer.is_main:
-            temporary_dir(final)
+        def job() -> None:
+            self._guarded(final, write, tmp)
+            if snapshot is not None and then is not None:
+                then()
+
         p.barrier()
-        self._guarded(final, write, tmp)
-        p.barrier()
-        if trainer.is_main and then is not None:
-            then()
+        self.writer.submit(job)
 
     def _publish(self, tmp: Path, final: Path, required: list[str], step: int) -> None:
         write_manifest(tmp, step, required)
         publish_dir(tmp, final)
-
-    def _after_pending_writes(self, trainer, job) -> None:
-        """Run `job` once the writes submitted so far are done: queued behind them when saves are
-        asynchronous, else now."""
-        if uses_sharded_checkpoints(trainer):
-            job()
-        else:
-            self.writer.submit(job)
 
     def _guarded(self, final: Path, write, tmp: Path | None = None) -> None:
         """Run `write(tmp)`; an I/O failure (disk full...) removes the partial save and says where."""

@@ -8,8 +8,8 @@
                           so a tampered file cannot run code
   DIR/manifest.json       sizes and sha256 of the above (manifest.py), written last
 
-With sharded training (FSDP / ZeRO) the weights and optimizer state are written by
-vishwamai.distributed.checkpoint.save_sharded instead, one shard per rank.
+With sharded training (FSDP / ZeRO) the weights and optimizer state are in DIR/shards/
+instead, one shard per rank (vishwamai.distributed.checkpoint: stage_sharded, write_sharded).
 """
 
 from __future__ import annotations
@@ -159,21 +159,6 @@ def write_snapshot(directory: Path, snapshot: Snapshot) -> list[str]:
     }
     torch.save(state, directory / TRAINER_STATE_FILE)
     return required
-
-
-def write_checkpoint(directory: Path, trainer, include_optimizer: bool) -> list[str]:
-    """Write the checkpoint files into `directory` (a temporary dir) now; returns the required files.
-
-    Sharded: every rank calls this; otherwise only the main rank does.  Call
-    assert_finite_weights on every rank first.
-    """
-    if uses_sharded_checkpoints(trainer):
-        from vishwamai.distributed.checkpoint import save_sharded
-
-        save_sharded(directory, trainer, include_optimizer)
-    if not trainer.is_main:
-        return [MODEL_CONFIG_FILE, TRAINER_STATE_FILE]
-    return write_snapshot(directory, take_snapshot(trainer, include_optimizer))
 
 
 # ----------------------------------------------------------------------- load

@@ -31,10 +31,15 @@ class BackgroundWriter:
             self._thread.start()
         self._jobs.put(job)
 
-    def flush(self) -> None:
-        """Wait until every submitted job has run; raise the first job's error, if any."""
+    def wait(self) -> BaseException | None:
+        """Wait until every submitted job has run; the first failed job's error (then cleared), if any."""
         self._jobs.join()
         error, self._error = self._error, None
+        return error
+
+    def flush(self) -> None:
+        """wait(), raising the first failed job's error."""
+        error = self.wait()
         if error is not None:
             raise error
 

@@ -77,6 +77,11 @@ class Parallelism:
         """The whole model's weights (collective under sharding: call it on every rank)."""
         return model.state_dict()
 
+    def background_group(self) -> Any:
+        """The process group for collectives issued off the training thread (background sharded
+        checkpoint writes), never the one the training step talks over; None: no group."""
+        return None
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (e.g. builds a cache), then the others."""

@@ -2,8 +2,9 @@
 
 Contract used by vishwamai/checkpoint (the checkpoint manager calls these when
 `trainer.parallel.sharded` or checkpointing.save_zero_redundancy is set):
-  save_sharded(directory, trainer, include_optimizer) -> None   (all ranks call it)
-  load_sharded(directory, trainer) -> None                      (all ranks call it)
+  stage_sharded(trainer, include_optimizer) -> staged   (all ranks, training thread: a CPU copy)
+  write_sharded(directory, staged, group) -> [files]    (all ranks, any thread: collectives on `group`)
+  load_sharded(directory, trainer) -> None              (all ranks call it)
 
 Layout: DIRECTORY/shards/ is a DCP checkpoint (.metadata + one __R_0.distcp file per
 rank) holding
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (_init_optim_state, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
@@ -127,11 +129,35 @@ def _copy_hyperparameters(source: list[dict], target: list[dict]) -> None:
         dst.update({k: v for k, v in src.items() if k != "params"})
 
 
-def save_sharded(directory: str | Path, trainer, include_optimizer: bool = True) -> None:
-    """Every rank writes its part of the weights (and optimizer state) into DIRECTORY/shards."""
+def stage_sharded(trainer, include_optimizer: bool = True) -> dict[str, Any]:
+    """This rank's part of the weights (and optimizer state), copied to CPU memory.
+
+    The state dicts DCP works from hold the live parameters and moments (DTensors under FSDP,
+    ZeRO's partition), which the next optimizer step updates in place: the background write
+    gets a copy.  DCP's own stager makes it (what dcp.async_save stages with; it keeps DTensor
+    layouts and tensors that share storage), a fresh one per save so the copy is freed once
+    written rather than held for the whole run.
+    """
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                          use_async_staging=False, use_non_blocking_copy=False))
+    try:
+        return stager.stage(_state_to_save(trainer, include_optimizer))
+    finally:
+        stager.close()
+
+
+def write_sharded(directory: str | Path, staged: dict[str, Any], group=None) -> list[str]:
+    """Every rank writes its staged part into DIRECTORY/shards; a collective over `group`.
+    Returns the file (relative to DIRECTORY) a complete sharded checkpoint must have.
+
+    When it returns (on any rank) every rank's shard file is written: DCP's coordinator writes
+    shards/.metadata only after gathering every rank's write result, and a write that failed on
+    any rank raises on all of them.
+    """
     path = shards_path(directory)
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save(_state_to_save(trainer, include_optimizer), checkpoint_id=str(path))
+    dcp.save(staged, checkpoint_id=str(path), process_group=group)
+    return [f"{SHARDS_DIR}/{METADATA_FILE}"]
 
 
 def saved_keys(directory: str | Path) -> set[str]:

@@ -66,6 +66,8 @@ class ProcessGroupParallelism(Parallelism):
                               f"{d.world_size} but the launcher started {self.world_size} processes")
         self.backend = choose_backend(cfg)
         self.strategy = d.strategy
+        self._timeout = timedelta(seconds=d.timeout_s)
+        self._background_group: dist.ProcessGroup | None = None
         self._comm_device = torch.device("cpu")
         kwargs: dict[str, Any] = {}
         if self.backend == "nccl":
@@ -76,7 +78,7 @@ class ProcessGroupParallelism(Parallelism):
         # launcher noticing) raises instead of hanging the job forever.
         if alone:  # an in-process store: no port, no rendezvous
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-        dist.init_process_group(self.backend, timeout=timedelta(seconds=d.timeout_s), **kwargs)
+        dist.init_process_group(self.backend, timeout=self._timeout, **kwargs)
         self._agree_on_run_dir(cfg)
 
     def _agree_on_run_dir(self, cfg: VishwamaiConfig) -> None:
@@ -108,6 +110,14 @@ class ProcessGroupParallelism(Parallelism):
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def background_group(self) -> dist.ProcessGroup:
+        # Collectives issued from another thread on the group the training step uses could interleave
+        # with the step's own (a deadlock, or a mismatch); torch's advice for async checkpoints is a
+        # Gloo group of their own. Created at the first call, which every rank makes at the same point.
+        if self._background_group is None:
+            self._background_group = dist.new_group(backend="gloo", timeout=self._timeout)
+        return self._background_group
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
