@@ -43,8 +43,9 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def torchrun_cmd(overrides: list[str], nproc: int = 2) -> list[str]:
-    return [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "-m", "vishwamai.training_v2",
+def torchrun_cmd(overrides: list[str], nproc: int = 2, program: tuple[str, ...] = ("-m", "vishwamai.training_v2")
+                 ) -> list[str]:
+    return [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={free_port()}", *program,
             *overrides, "distributed.timeout_s=60"]
 
 
@@ -178,6 +179,91 @@ def test_sharded_checkpoint_resumes_exactly_with_two_ranks(tmp_path, tiny_overri
     a, b = load_model(out), load_model(full / "checkpoints" / "final")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+# ------------------------------------------ issue 20.1: sharded saves off the training thread
+SLOW_DISK = str(REPO / "tests" / "slow_disk.py")  # the CLI on a slow disk: each save pauses before publishing
+SHARDED = {"model_parallel": ["distributed.strategy=model_parallel"],
+           "zero": ["distributed.strategy=data_parallel", "distributed.zero_optimizer=true"]}
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["model_parallel", "zero"])
+def test_training_goes_on_during_a_background_sharded_save_and_a_kill_then_leaves_the_previous_one(
+        tmp_path, tiny_overrides, strategy):
+    from vishwamai.checkpoint.manifest import verify
+
+    base = tiny_overrides + SHARDED[strategy] + [
+        "training.device=cpu", "training.eval_every_n_steps=0", "training.batch_size=2", "training.max_steps=12",
+        "checkpointing.every_n_steps=4", "checkpointing.save_zero_redundancy=true"]
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    ckpts = run_dir / "checkpoints"
+    torchrun(base + [f"run_dir={reference}"])
+    # Every save pauses 3 s between its files (all ranks' shards) and its publication.
+    with open(tmp_path / "killed.err", "w") as err:
+        proc = subprocess.Popen(torchrun_cmd(base + [f"run_dir={run_dir}"], program=(SLOW_DISK, "3")), cwd=REPO,
+                                env=worker_env(), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        # Kill the whole job (every rank, as when a node goes) while step-8 is being written and
+        # every rank has already trained past step 8.
+        while not ((ckpts / ".tmp-step-8" / "shards" / ".metadata").is_file() and max(logged_steps(run_dir),
+                                                                                       default=0) > 8):
+            assert proc.poll() is None, (tmp_path / "killed.err").read_text()[-3000:]
+            assert time.time() < deadline, "training did not go on while step-8 was being written"
+            time.sleep(0.01)
+        for rank in (0, 1):
+            os.kill(worker_with_rank(proc.pid, rank), signal.SIGKILL)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session started above: only our processes
+        proc.wait(timeout=30)
+    assert (ckpts / "latest").read_text().strip() == "step-4" and not (ckpts / "step-8").exists()
+    verify(ckpts / "step-4")
+    assert len(list((ckpts / "step-4" / "shards").glob("*.distcp"))) == 2  # one shard file per rank
+
+    torchrun(base + [f"run_dir={run_dir}", "training.resume=auto"])
+    assert summary(run_dir)["resumed_from"] == str(ckpts / "step-4")
+    # Bitwise: step-4's copy was exactly step 4's state, though steps 5-8 ran while it was written.
+    assert {r["step"]: r["loss"] for r in records(run_dir)} == {r["step"]: r["loss"] for r in records(reference)}
+
+
+def test_a_failed_background_sharded_write_fails_every_rank_with_its_message(tmp_path, tiny_overrides):
+    # The two ranks are started by hand, as two pods would be: no launcher ends the job when one rank
+    # fails, so a rank that did not learn of the failure would wait in a collective until the timeout.
+    run_dir = tmp_path / "run"
+    tmp = run_dir / "checkpoints" / ".tmp-step-2"
+    cmd = [sys.executable, SLOW_DISK, "2", *tiny_overrides, *SHARDED["model_parallel"], "training.device=cpu",
+           "training.eval_every_n_steps=0", "training.batch_size=2", "training.max_steps=6",
+           "checkpointing.every_n_steps=2", "distributed.timeout_s=120", f"run_dir={run_dir}"]
+    rendezvous = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**worker_env(), **rendezvous, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        deadline = time.time() + 120
+        # Every rank's shard of step-2 is written; while the main rank pauses before publishing,
+        # a directory takes the manifest's place: its write fails (a real OSError), on rank 0 only.
+        while not ((tmp / "shards" / ".metadata").is_file() and (tmp / "trainer_state.pt").is_file()):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, "step-2 was not written"
+            time.sleep(0.01)
+        (tmp / "manifest.json").mkdir()
+        failed_at = time.time()
+        errors = [p.communicate(timeout=90)[1] for p in procs]  # well before distributed.timeout_s
+        elapsed = time.time() - failed_at
+    finally:
+        for p in procs:
+            p.kill()
+    culprit = f"could not write checkpoint {run_dir / 'checkpoints' / 'step-2'}"
+    assert [p.returncode for p in procs] == [2, 2], errors
+    assert culprit in errors[0] and culprit in errors[1] and "failed on rank 0" in errors[1]
+    assert not any("Traceback" in e for e in errors)
+    assert not (run_dir / "checkpoints" / "step-2").exists() and not (run_dir / "checkpoints" / "latest").exists()
+    assert elapsed < 60, f"the ranks took {elapsed:.0f} s to stop"
 
 
 @pytest.mark.slow
