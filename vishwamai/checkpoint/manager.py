@@ -105,6 +105,10 @@ class CheckpointManager(Callback):
     def on_train_start(self, trainer) -> None:
         if trainer.is_main:
             self._check_free_space(trainer)
+        if self._sharded:  # what a first sharded save would otherwise pay for inside a step (~1 s)
+            import vishwamai.distributed.checkpoint  # noqa: F401 - torch DCP's import
+
+            trainer.parallel.background_group()  # every rank is here
         self._install_sigterm_handler()
 
     def on_eval_end(self, trainer, *, val_loss: float) -> None:
