@@ -235,7 +235,8 @@ def test_training_goes_on_during_a_background_sharded_save_and_a_kill_then_leave
 
 def test_a_failed_background_sharded_write_fails_every_rank_with_its_message(tmp_path, tiny_overrides):
     # The two ranks are started by hand, as two pods would be: no launcher ends the job when one rank
-    # fails, so a rank that did not learn of the failure would wait in a collective until the timeout.
+    # fails. A rank that did not learn of the failure would find out only from its next collective (a
+    # broken connection, or the timeout) and end as a crash (exit 1, no message), as before issue 20.
     run_dir = tmp_path / "run"
     tmp = run_dir / "checkpoints" / ".tmp-step-2"
     cmd = [sys.executable, SLOW_DISK, "2", *tiny_overrides, *SHARDED["model_parallel"], "training.device=cpu",

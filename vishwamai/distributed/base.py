@@ -21,7 +21,7 @@ class Parallelism:
     local_rank = 0
     world_size = 1
     # Parameters (and so gradients and optimizer state) are split over ranks: saving
-    # goes through distributed/checkpoint.py (save_sharded / load_sharded).
+    # goes through distributed/checkpoint.py (stage_sharded / write_sharded / load_sharded).
     sharded = False
     # Only the optimizer state is split over ranks (ZeRO): optimizer.state_dict() is
     # not available locally, checkpoints with optimizer state must be sharded too.
