@@ -106,17 +106,24 @@ O2_TOLERANCE = 1e-2
 def test_o2_follows_o1_with_bf16_weights_and_float32_masters(tmp_path, tiny_overrides):
     from safetensors.torch import load_file
 
-    losses = {}
+    class LastMasters(Callback):
+        def on_step_end(self, trainer) -> None:
+            self.masters = {n: m.clone() for n, m in trainer.precision.masters().items()}
+
+    losses, last = {}, LastMasters()
     for level in ("O1", "O2"):
         run_dir = tmp_path / level
-        run(compose_config(tiny_overrides + AMP + [f"amp.opt_level={level}"], run_dir=str(run_dir)))
+        run(compose_config(tiny_overrides + AMP + [f"amp.opt_level={level}"], run_dir=str(run_dir)),
+            extra_callbacks=[last])
         losses[level] = [r["loss"] for r in _records(run_dir) if "loss" in r]
     assert len(losses["O2"]) == 10
     assert losses["O2"] == pytest.approx(losses["O1"], rel=O2_TOLERANCE)
     assert losses["O2"] != losses["O1"]  # O2 really computed with bf16 weights
+    # final/ holds the float32 masters: the weights training holds, not the bf16 copies the model computes
+    # with (export, int8 and distillation read this file); they round to what the model last computed with.
     weights = load_file(str(tmp_path / "O2" / "checkpoints" / "final" / "model.safetensors"))
-    assert {str(w.dtype) for n, w in weights.items() if w.dim() >= 2} == {"torch.bfloat16"}
-    assert {str(w.dtype) for n, w in weights.items() if "norm" in n} == {"torch.float32"}
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+    assert last.masters and all(torch.equal(weights[name], m) for name, m in last.masters.items())
 
 
 def test_o2_optimizer_updates_float32_masters_and_the_model_follows():
@@ -144,13 +151,36 @@ def test_o2_resumes_bitwise(tmp_path, tiny_overrides):
     overrides = tiny_overrides + AMP + ["amp.opt_level=O2", "checkpointing.every_n_steps=5"]
     run(compose_config(overrides, run_dir=str(tmp_path / "clean")))
     step5 = tmp_path / "clean" / "checkpoints" / "step-5"
-    assert "master_weights" in torch.load(step5 / "trainer_state.pt", weights_only=True)["trainer"]["precision"]
+    # The masters are the checkpoint's float32 weights, stored once (not again in the trainer state).
+    assert "master_weights" not in torch.load(step5 / "trainer_state.pt", weights_only=True)["trainer"]["precision"]
+    assert {w.dtype for w in load_file(str(step5 / "model.safetensors")).values()} == {torch.float32}
     run(compose_config(overrides + [f"training.resume={step5}"], run_dir=str(tmp_path / "resumed")))
     clean = {r["step"]: r["loss"] for r in _records(tmp_path / "clean") if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in _records(tmp_path / "resumed") if "loss" in r}
     assert resumed == {step: clean[step] for step in range(6, 11)}
     a, b = (load_file(str(tmp_path / d / "checkpoints" / "final" / "model.safetensors")) for d in ("clean", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("saved, resumed", [("O2", "O1"), ("O1", "O2")])
+def test_a_checkpoint_resumes_under_the_other_opt_level_with_its_float32_weights(tmp_path, tiny_overrides,
+                                                                                  saved, resumed):
+    from safetensors.torch import load_file
+
+    class StartWeights(Callback):  # what training resumes from: the O2 masters, or the O1 model's weights
+        def on_train_start(self, trainer) -> None:
+            live = trainer.precision.masters() or dict(trainer.raw_model.named_parameters())
+            self.weights = {name: w.detach().clone() for name, w in live.items()}
+
+    steps = ["checkpointing.every_n_steps=3", "training.max_steps=3"]
+    run(compose_config(tiny_overrides + AMP + steps + [f"amp.opt_level={saved}"], run_dir=str(tmp_path / "a")))
+    step3 = tmp_path / "a" / "checkpoints" / "step-3"
+    start = StartWeights()
+    run(compose_config(tiny_overrides + AMP + ["training.max_steps=4", f"training.resume={step3}",
+                                               f"amp.opt_level={resumed}"], run_dir=str(tmp_path / "b")),
+        extra_callbacks=[start])
+    saved_weights = load_file(str(step3 / "model.safetensors"))
+    assert start.weights and all(torch.equal(w, saved_weights[n]) for n, w in start.weights.items())
 
 
 def test_loss_scale_enabled_switches_the_fp16_grad_scaler(caplog):

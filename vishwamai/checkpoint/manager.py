@@ -28,8 +28,8 @@ from vishwamai.checkpoint.io import MODEL_CONFIG_FILE, WEIGHTS_FILE, save_model
 from vishwamai.checkpoint.layout import BEST, FINAL, LATEST, checkpoints_root, latest_dir, step_dirs, step_name
 from vishwamai.checkpoint.manifest import write_manifest
 from vishwamai.checkpoint.messages import write_failure
-from vishwamai.checkpoint.state import (assert_finite_weights, take_snapshot, uses_sharded_checkpoints,
-                                        write_snapshot)
+from vishwamai.checkpoint.state import (assert_finite_weights, take_snapshot, trained_weights,
+                                        uses_sharded_checkpoints, write_snapshot)
 from vishwamai.checkpoint.writer import BackgroundWriter
 from vishwamai.errors import CheckpointError, VishwamaiError
 from vishwamai.train.events import ORDER_CHECKPOINT, Callback
@@ -236,7 +236,7 @@ class CheckpointManager(Callback):
                 for name in model_files:  # the same weights were just saved: share their bytes
                     _link_or_copy(saved / name, tmp / name)
             else:
-                save_model(tmp, trainer.raw_model, trainer.cfg.model, full_state)
+                save_model(tmp, None, trainer.cfg.model, full_state or trained_weights(trainer))
             write_manifest(tmp, step, model_files)
             publish_dir(tmp, final)
 

@@ -132,12 +132,24 @@ def clone_tree(value: Any) -> Any:
     return value  # immutable leaves (check_plain_data admits nothing else), torch.Size
 
 
+def trained_weights(trainer, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights as training holds them: under amp O2 the float32 masters in place of the
+    model's bf16/fp16 copies, which lose every update below their resolution (export, int8 and
+    distillation read these files); tied weights once."""
+    weights = model_state_for_saving(trainer.raw_model, copy=copy)
+    masters = trainer.precision.masters()
+    weights.update({name: m.to("cpu", copy=copy) for name, m in masters.items()})
+    return weights
+
+
 def take_snapshot(trainer, include_optimizer: bool) -> Snapshot:
     """The main rank's part of a checkpoint, copied (call assert_finite_weights first)."""
     sharded = uses_sharded_checkpoints(trainer)
     trainer_state = trainer.state_dict(include_optimizer=include_optimizer and not sharded)
     check_plain_data(trainer_state)
-    weights = None if sharded else model_state_for_saving(trainer.raw_model, copy=True)
+    weights = None if sharded else trained_weights(trainer, copy=True)
+    if weights is not None:  # amp O2: the masters are in the weights file, not held twice
+        trainer_state["precision"].pop("master_weights", None)
     return Snapshot(trainer.state.step, sharded, as_model_config(trainer.cfg.model), weights,
                     clone_tree(trainer_state), capture_rng())
 
@@ -211,6 +223,11 @@ def load_checkpoint(directory: Path, trainer) -> dict[str, Any]:
     else:
         weights = read_weights(directory)
         apply_weights(trainer.raw_model, weights, as_model_config(trainer.cfg.model), directory / WEIGHTS_FILE)
+        precision = state["trainer"]["precision"]
+        if "master_weights" not in precision:  # amp O2 masters are the file's float32 weights
+            masters = trainer.precision.masters_from(weights)
+            if masters is not None:
+                precision["master_weights"] = masters
     if "optimizer" not in state["trainer"] and not state["sharded"]:
         log.warning("%s has no optimizer state (checkpointing.save_optimizer_state=false): the optimizer "
                     "restarts from zero moments, so the resumed run is not identical to an uninterrupted one",

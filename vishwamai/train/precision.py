@@ -9,8 +9,9 @@ amp.opt_level:
       and updates those (an update of 1e-4 x the weight is below bf16's resolution and
       would be lost on a bf16 weight), then the model's copies are refreshed from them.
       Vectors (norm gains) stay float32 in the model; RMSNorm and the loss compute in float32.
-      Checkpoints carry the master weights (state_dict), so a resumed run is bitwise the
-      same; model.safetensors holds the weights the model computes with (amp.dtype).
+      The masters are the weights training really holds: a checkpoint's model.safetensors (and
+      final/, what export, quantization and distillation read) stores them in float32, not the
+      model's amp.dtype copies, and a resume restores them from there bitwise (masters_from).
 Loss scaling (float16 only; bfloat16 has float32's exponent range and needs none):
   a GradScaler driven by amp.loss_scale.{enabled,init_scale,growth_interval}.  A step whose
   unscaled gradients hold inf/NaN is skipped by the loop and counted like any non-finite step
@@ -117,6 +118,14 @@ class Precision:
         if self._pairs:
             torch._foreach_copy_([p.data for p, _ in self._pairs], [m.data for _, m in self._pairs])
 
+    def masters(self) -> dict[str, torch.Tensor]:
+        """O2: the float32 masters by parameter name (live tensors; {} otherwise)."""
+        return {name: m.detach() for name, (_, m) in zip(self._names, self._pairs)}
+
+    def masters_from(self, weights: dict[str, torch.Tensor]) -> Optional[dict[str, torch.Tensor]]:
+        """O2: the masters to restore from a saved model's weights, or None (no masters kept here)."""
+        return {name: weights[name].float() for name in self._names} if self._pairs else None
+
     @property
     def uses_loss_scaling(self) -> bool:
         return self.scaler.is_enabled()
@@ -125,7 +134,7 @@ class Precision:
     def state_dict(self) -> dict:
         state = dict(self.scaler.state_dict())
         if self._pairs:  # clones: the optimizer changes the masters in place while a save may still run
-            state["master_weights"] = {n: m.detach().clone() for n, (_, m) in zip(self._names, self._pairs)}
+            state["master_weights"] = {name: m.clone() for name, m in self.masters().items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
