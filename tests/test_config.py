@@ -56,6 +56,8 @@ def test_wrong_type_is_rejected_with_its_name(override, key):
     (["training.compile_mode=max-autotune"], "training.compile_mode"),  # would be ignored without compile
     (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0.5"], "model.rope_scaling.factor"),
     (["model.rope_scaling.type=llama3", "model.rope_scaling.low_freq_factor=4"], "model.rope_scaling.low_freq_factor"),
+    (["training.loss_chunk_rows=-1"], "training.loss_chunk_rows"),
+    (["training.loss_chunk_rows=512", "distillation.enabled=true"], "training.loss_chunk_rows"),  # needs logits
     (["distillation.quantization.enabled=true", "distillation.quantization.precision=int4"],
      "distillation.quantization.precision"),
 ])

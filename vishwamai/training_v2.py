@@ -167,8 +167,7 @@ def build_trainer(cfg: DictConfig, parallel, data, device: torch.device, run_dir
         load_weights_into(model, t.init_from)
     precision = Precision(cfg.amp, device)
     model = parallel.wrap(precision.prepare(model, parallel))  # amp O2: weights cast, float32 masters kept
-    if t.compile:
-        model = torch.compile(model, mode=None if t.compile_mode == "default" else t.compile_mode)
+    # training.compile: the Trainer compiles, once it knows whether callbacks read the model's outputs.
     optimizer = parallel.wrap_optimizer(build_optimizer(precision.optimizer_params(model.parameters()),
                                                         t.optimizer))
     scheduler = build_scheduler(optimizer, t.scheduler, t.max_steps)

@@ -44,11 +44,13 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]
     # hidden_states[0] is the embedding output, hidden_states[i] the output of block i-1.
     hidden_states: list[torch.Tensor] = field(default_factory=list)
     # attentions[i]: (batch, heads, seq, seq) attention probabilities of block i.
     attentions: list[torch.Tensor] = field(default_factory=list)
+    # forward(logits=False): the final norm's output, for a loss that projects it itself (train/loss.py).
+    last_hidden: Optional[torch.Tensor] = None
 
 
 class RMSNorm(nn.Module):
@@ -191,6 +193,7 @@ class Transformer(nn.Module):
         *,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        logits: bool = True,
     ) -> ModelOutput:
         t = idx.size(1)
         if t > self.config.max_seq_len:
@@ -209,7 +212,11 @@ class Transformer(nn.Module):
                 out.hidden_states.append(x)
             if output_attentions:
                 out.attentions.append(attn)
-        out.logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if not logits:  # the loss projects the rows itself, a block at a time (train/loss.py)
+            out.logits, out.last_hidden = None, x
+            return out
+        out.logits = self.lm_head(x)
         return out
 
     def num_parameters(self) -> int:

@@ -14,6 +14,8 @@ callbacks may read or change:
                      windows do not depend on it (batches of training.batch_size are split)
   grad_norm          this step's gradient norm before clipping (read in on_before_optimizer_step)
   forward_kwargs     extra model outputs wanted (distillation: hidden states, attentions)
+  outputs_read       whether a callback reads the model's outputs (forward_kwargs or an on_loss): decided
+                     after on_init; then on_loss gets them, else the forward and loss may be one compiled graph
   metrics            this step's figures; loggers write them at on_step_end
   skip_update        set in on_before_optimizer_step to drop this step's update
   should_stop        set to end training after this step (agreed over ranks at the next step's agreement)
@@ -29,18 +31,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vishwamai.config import VishwamaiConfig
 from vishwamai.data import SequenceSampler, eval_batches
 from vishwamai.distributed import Parallelism
-from vishwamai.errors import VishwamaiError
+from vishwamai.errors import ConfigError, VishwamaiError
 from vishwamai.train.agreement import StepAgreement
 from vishwamai.train.events import REVERSED_EVENTS, Callback
+from vishwamai.train.loss import forward_and_loss, lm_loss
 from vishwamai.train.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,9 @@ class Trainer:
         # which then undoes that step: every rank ends after step N, as the rank that asked meant.
         self.agreement.register("stop", lambda: self.should_stop)
         self.fire("on_init")  # before any resume restores the optimizer (callbacks may add param groups)
+        self.outputs_read = bool(self.forward_kwargs) or any(type(cb).on_loss is not Callback.on_loss
+                                                             for cb in self.callbacks)
+        self._lm_loss = self._loss_function()
 
     # ------------------------------------------------------------------ events
     @property
@@ -200,6 +205,25 @@ class Trainer:
         if errors and not failed:  # after a failure, the error that ended the run is the one to see
             raise errors[0]
 
+    def _loss_function(self) -> Callable[..., torch.Tensor]:
+        """lm_loss, and what training.compile compiles: the model and its loss as one graph (the
+        log-softmax, its float32 cast and the loss weighting fused with the lm_head: at a 32k vocabulary
+        ~1.7x the tokens/s of the model-only compile on CPU, bench/RESULTS.md) where nothing reads the
+        outputs and the model is not wrapped; else the model alone (distillation reads the logits;
+        DDP/FSDP bring their own compile support for the wrapped model), as before."""
+        t = self.cfg.training
+        if self.outputs_read and t.loss_chunk_rows:
+            raise ConfigError("training.loss_chunk_rows", "a callback reads the model's logits, which the chunked "
+                                                          "loss never makes whole: set it to 0")
+        if not t.compile:
+            return lm_loss
+        mode = None if t.compile_mode == "default" else t.compile_mode
+        unwrapped = self.parallel.unwrap(self.model) is self.model and not self.parallel.keeps_master_weights
+        if unwrapped and not self.outputs_read:
+            return torch.compile(lm_loss, mode=mode)
+        self.model = torch.compile(self.model, mode=mode)
+        return lm_loss
+
     # -------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         try:
@@ -286,9 +310,10 @@ class Trainer:
 
     def compute_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy, plus whatever terms callbacks add in on_loss (e.g. distillation)."""
-        outputs = self.model(inputs, **self.forward_kwargs)
-        # Cross-entropy in float32 for a numerically stable log-softmax under autocast.
-        ce = F.cross_entropy(outputs.logits.flatten(0, 1).float(), targets.flatten())
+        if self.outputs_read:
+            outputs, ce = forward_and_loss(self.model, inputs, targets, self.forward_kwargs)
+        else:  # nothing reads the outputs: with training.compile, the forward and its loss are one graph
+            outputs, ce = None, self._lm_loss(self.model, inputs, targets, self.cfg.training.loss_chunk_rows)
         terms = {"ce": ce}
         self.fire("on_loss", inputs=inputs, targets=targets, outputs=outputs, terms=terms)
         return terms
@@ -389,8 +414,7 @@ class Trainer:
             for x, y in zip(inputs.split(self.eval_batch_size), targets.split(self.eval_batch_size)):
                 x, y = x.to(self.device), y.to(self.device)
                 with self.precision.autocast():
-                    logits = self.model(x).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+                    loss = self._lm_loss(self.model, x, y, self.cfg.training.loss_chunk_rows, reduction="sum")
                 total += torch.stack([loss.double(), torch.tensor(y.numel(), dtype=torch.float64,
                                                                     device=self.device)])
         return total
