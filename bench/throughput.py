@@ -10,7 +10,11 @@ With --compile, vishwamai and the bare loop run under torch.compile and HF Train
 eager and with its own `torch_compile=True`. With --amp all three run under bf16 autocast
 (vishwamai `amp.enabled=true`, HF `bf16=True`); the default is fp32 for all.
 
-    python bench/throughput.py [--steps 30] [--rounds 5] [--compile] [--amp] [--no-hf] [--ckpt-every 10] [--only V ...]
+With --vocab V all variants use a V-token vocabulary (model.vocab_size=V; the byte corpus's tokens
+are a subset), e.g. 32000 as a Llama tokenizer's, where the logits dominate the step.
+
+    python bench/throughput.py [--steps 30] [--rounds 5] [--compile] [--amp] [--vocab V] [--no-hf] [--ckpt-every 10]
+                               [--only V ...]
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ def vishwamai_trainer(steps: int, compile_model: bool, tmp: Path, extra: list[st
                  f"training.batch_size={BATCH}", f"training.max_steps={steps + WARMUP + 1}",
                  "training.eval_every_n_steps=0", "training.eval_batches=1", "training.progress_bar=false",
                  "monitoring.enabled=false", f"training.compile={str(compile_model).lower()}",
-                 f"amp.enabled={str(amp).lower()}", *extra]
+                 f"amp.enabled={str(amp).lower()}", f"model.vocab_size={MODEL.vocab_size}", *extra]
     clock = StepClock(stop_after=steps + WARMUP)
     run(compose_config(overrides, run_dir=str(tmp / f"v{time.monotonic_ns()}")), extra_callbacks=[clock])
     return _figures(measured_steps(clock.marks))
@@ -159,12 +163,18 @@ def main() -> None:
     parser.add_argument("--ckpt-every", type=int, default=10,
                         help="checkpoint interval of the monitoring+ckpt variant (the default config saves "
                              "only at the end, which would put no save inside the measured steps)")
+    parser.add_argument("--vocab", type=int, default=MODEL.vocab_size, help="vocabulary size of every variant")
+    parser.add_argument("--chunk-rows", type=int, default=1024,
+                        help="training.loss_chunk_rows of the 'vishwamai (chunked loss)' variant")
     args = parser.parse_args()
     WARMUP = args.warmup
+    MODEL.vocab_size = args.vocab
     tmp = Path("/tmp/vishwamai_bench")
     variants = {
         "bare_loop": lambda: bare_loop(args.steps, args.compile, args.amp),
         "vishwamai": lambda: vishwamai_trainer(args.steps, args.compile, tmp, amp=args.amp),
+        "vishwamai (chunked loss)": lambda: vishwamai_trainer(
+            args.steps, args.compile, tmp, [f"training.loss_chunk_rows={args.chunk_rows}"], amp=args.amp),
         "vishwamai+monitoring+ckpt": lambda: vishwamai_trainer(
             args.steps, args.compile, tmp, ["monitoring.enabled=true",  # defaults: TensorBoard + MLflow
                                             f"checkpointing.every_n_steps={args.ckpt_every}"], amp=args.amp),
@@ -187,7 +197,8 @@ def main() -> None:
         lines.append(f"- vishwamai / {hf} (both LlamaForCausalLM-shaped): **{tps['vishwamai'] / tps[hf]:.3f}** "
                      "(target >= 1.3)")
     mode = " + ".join(["torch.compile"] * args.compile + ["bf16 autocast"] * args.amp) or "eager fp32"
-    record(f"throughput ({mode}), {args.steps} steps after {WARMUP} warm-up x {args.rounds} rounds", lines)
+    record(f"throughput ({mode}, vocab {args.vocab}), {args.steps} steps after {WARMUP} warm-up x {args.rounds} "
+           "rounds", lines)
     if not all(math.isfinite(v) for v in tps.values()):
         sys.exit(1)
 
