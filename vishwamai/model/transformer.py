@@ -160,6 +160,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False):
         super().__init__()
         self.config = cfg
+        # A plain int for forward: the config may be an OmegaConf node, whose attribute lookup torch.compile
+        # cannot trace (a graph break at the top of forward ran the whole model outside the compiled graph).
+        self.max_seq_len = int(cfg.max_seq_len)
         # A training choice, not part of the architecture (not in ModelConfig, not saved): set freely.
         self.activation_checkpointing = activation_checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -196,8 +199,8 @@ class Transformer(nn.Module):
         logits: bool = True,
     ) -> ModelOutput:
         t = idx.size(1)
-        if t > self.config.max_seq_len:
-            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}")
+        if t > self.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.max_seq_len}")
         x = self.dropout(self.embed(idx))
         out = ModelOutput(logits=x)  # logits filled in below
         if output_hidden_states:
@@ -227,7 +230,7 @@ class Transformer(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None) -> torch.Tensor:
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.max_seq_len:]).logits[:, -1, :] / max(temperature, 1e-6)
+            logits = self(idx[:, -self.max_seq_len:]).logits[:, -1, :] / max(temperature, 1e-6)
             if top_k is not None:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, float("-inf"))

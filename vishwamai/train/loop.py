@@ -279,7 +279,9 @@ class Trainer:
         term_sums: dict[str, torch.Tensor] = {}
         for i, chunk in enumerate(chunks):
             weight = len(chunk) / len(window_ids)
-            inputs, targets = (t.to(self.device, non_blocking=True) for t in self.sampler.gather(chunk))
+            # Contiguous: windows read ahead are, a step read directly is a view (stride seq_len + 1); a
+            # compiled step guards on strides, so mixing them would compile the step twice.
+            inputs, targets = (t.to(self.device, non_blocking=True).contiguous() for t in self.sampler.gather(chunk))
             with self.parallel.accumulation_context(self.model, is_last_micro_batch=i == len(chunks) - 1):
                 with self.precision.autocast():
                     terms = self.compute_loss(inputs, targets)
