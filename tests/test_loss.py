@@ -132,3 +132,18 @@ def test_whole_step_compile_trains_like_eager_and_keeps_outputs_for_callbacks(tm
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
     for summary in (whole, model_only):
         assert summary["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=1e-3)
+
+
+def test_the_recipes_model_and_its_loss_compile_as_one_graph(tiny_overrides):
+    """The recipe builds the model from an OmegaConf node; a config lookup in forward broke the graph
+    (the whole forward then ran outside it). fullgraph=True fails on any graph break; graph breaks are
+    Dynamo's (tracing), so the eager backend shows them without Inductor's compile time."""
+    from vishwamai.model import build_model
+    from vishwamai.train.loss import lm_loss
+
+    cfg = compose_config(tiny_overrides + ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"],
+                         run_dir="/tmp/x").model
+    model = build_model(cfg, check_memory=False)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    compiled = torch.compile(lm_loss, fullgraph=True, backend="eager")(model, tokens[:, :-1], tokens[:, 1:])
+    torch.testing.assert_close(compiled, lm_loss(model, tokens[:, :-1], tokens[:, 1:]), rtol=1e-5, atol=1e-5)
