@@ -321,7 +321,10 @@ def test_a_stuck_teardown_ends_the_process_with_its_stacks(teardown):
 def worker_with_rank(launcher_pid: int, rank: int) -> int:
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
     for pid in map(int, children):
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except (ProcessLookupError, FileNotFoundError):  # a short-lived child gone since the listing
+            continue
         if f"RANK={rank}".encode() in env:
             return pid
     raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
