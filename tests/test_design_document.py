@@ -89,10 +89,11 @@ def test_hyperparameter_tuning_with_optuna(tmp_path, tiny_overrides):
 
 @pytest.mark.slow
 def test_hyperparameter_tuning_with_ray(tmp_path, tiny_overrides):
-    pytest.importorskip("ray", reason="ray is not installed: pip install 'vishwamai[ray]'")
+    ray = pytest.importorskip("ray", reason="ray is not installed: pip install 'vishwamai[ray]'")
     line = "python -m vishwamai.training_v2 tuning.enabled=true tuning.framework=ray"
     summary = run_with(tmp_path, doc_command(line) + tiny_overrides + STEPS + STUDY + ["tuning.sampler=random"])
     assert summary["framework"] == "ray" and summary["trials_complete"] >= 1
+    assert not ray.is_initialized()  # the instance the study started is shut down: the process as it was
 
 
 # ---------------------------------------------------------------- Distributed Training

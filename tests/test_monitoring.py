@@ -341,11 +341,14 @@ def test_run_nests_under_an_active_mlflow_run(tmp_path, tiny_overrides):
     uri = f"sqlite:///{tmp_path / 'study.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("study", artifact_location=(tmp_path / "art").as_uri())
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=experiment) as parent:
-        summary = run(compose_config(overrides_on(tiny_overrides) + [
-            f"monitoring.mlflow.tracking_uri={uri}", "monitoring.tensorboard.enabled=false",
-            "training.max_steps=2"], run_dir=str(tmp_path / "trial")))
+    mlflow.set_tracking_uri(uri)  # exports $MLFLOW_TRACKING_URI: unset again below, or later tests' runs use it
+    try:
+        with mlflow.start_run(experiment_id=experiment) as parent:
+            summary = run(compose_config(overrides_on(tiny_overrides) + [
+                f"monitoring.mlflow.tracking_uri={uri}", "monitoring.tensorboard.enabled=false",
+                "training.max_steps=2"], run_dir=str(tmp_path / "trial")))
+    finally:
+        mlflow.set_tracking_uri(None)
     child = client.get_run(summary["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.info.experiment_id == experiment and child.info.status == "FINISHED"

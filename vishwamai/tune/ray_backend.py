@@ -191,18 +191,31 @@ def _search(tu: DictConfig):
 
 def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path, recipe: Recipe) -> StudyResult:
     ray, tune = require_ray()
-    from vishwamai.tune.tracking import tracking_uri
-
     tu = cfg.tuning
-    grid = tu.sampler == "grid"
-    run_config = getattr(tune, "RunConfig", None) or ray.train.RunConfig  # moved to ray.tune in 2.43
-    if not ray.is_initialized():  # a caller's own ray.init (e.g. with num_cpus) is kept
+    # A caller's own ray.init (e.g. with num_cpus) is kept; an instance started here is shut down at the end,
+    # so the process is left as it was found (a notebook, the next study, a test).
+    started = not ray.is_initialized()
+    if started:
         # A new local instance needs no dashboard; joining a cluster (an address, or RAY_ADDRESS as
         # `ray job submit` sets it) takes no start-up options.
         # "local": always a new instance, never one a stale /tmp/ray/ray_current_cluster points to.
         local = not (tu.ray_address or os.environ.get("RAY_ADDRESS"))
         ray.init(address="local" if local else tu.ray_address, ignore_reinit_error=True, log_to_driver=True,
                  **({"include_dashboard": False} if local else {}))
+    try:
+        return _fit(cfg, params, run_dir, recipe, ray, tune)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _fit(cfg: DictConfig, params: list[Param], run_dir: Path, recipe: Recipe, ray, tune) -> StudyResult:
+    """The study on the running Ray instance: a new Tuner, or the interrupted one restored from its storage."""
+    from vishwamai.tune.tracking import tracking_uri
+
+    tu = cfg.tuning
+    grid = tu.sampler == "grid"
+    run_config = getattr(tune, "RunConfig", None) or ray.train.RunConfig  # moved to ray.tune in 2.43
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, base=OmegaConf.to_container(cfg, resolve=True), run_dir=str(run_dir),
                              tracking_uri=tracking_uri(cfg, run_dir), recipe=recipe),  # pickled by name
@@ -226,8 +239,7 @@ def run_ray(cfg: DictConfig, params: list[Param], run_dir: Path, recipe: Recipe)
                 trial_dirname_creator=trial_dirname),
             run_config=run_config(name=tu.study_name, storage_path=str(storage)),
         )
-    grid_result = tuner.fit()
-    return _result(cfg, grid_result, path, run_dir)
+    return _result(cfg, tuner.fit(), path, run_dir)
 
 
 def _result(cfg: DictConfig, grid_result, storage: str, run_dir: Path) -> StudyResult:
