@@ -181,6 +181,19 @@ def test_sharded_checkpoint_resumes_exactly_with_two_ranks(tmp_path, tiny_overri
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
+def test_hybrid_sharded_checkpoint_resumes_exactly_with_four_ranks(tmp_path, tiny_overrides):
+    # Shard groups of 2 x 2 replicas: the background writes' collectives span both dimensions.
+    base = tiny_overrides + SHORT + ["distributed.strategy=model_parallel", "model.parallel_factor=2",
+                                     "training.batch_size=2", "checkpointing.every_n_steps=3"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun(base + [f"run_dir={full}"], nproc=4, timeout=300)
+    step3 = full / "checkpoints" / "step-3"
+    assert len(list((step3 / "shards").glob("*.distcp"))) == 4  # one shard file per rank
+    torchrun(base + [f"run_dir={resumed}", f"training.resume={step3}"], nproc=4, timeout=300)
+    assert_same_trajectory(records(resumed), records(full)[3:])
+
+
 # ------------------------------------------ issue 20.1: sharded saves off the training thread
 SLOW_DISK = str(REPO / "tests" / "slow_disk.py")  # the CLI on a slow disk: each save pauses before publishing
 SHARDED = {"model_parallel": ["distributed.strategy=model_parallel"],
