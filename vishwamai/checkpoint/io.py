@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,20 +23,26 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 
 def model_state_for_saving(model: torch.nn.Module | None, full_state: dict[str, torch.Tensor] | None = None,
-                           copy: bool = False) -> dict[str, torch.Tensor]:
+                           copy: bool = False, replace: Mapping[str, torch.Tensor] | None = None
+                           ) -> dict[str, torch.Tensor]:
     """State dict with tied weights stored once (safetensors refuses shared storage).
 
     `full_state`: the whole model's weights when `model` holds only a shard (FSDP), gathered
     beforehand by Parallelism.full_state_dict.  `copy`: new CPU tensors even for a CPU model
-    (a snapshot that later optimizer steps cannot change).
+    (a snapshot that later optimizer steps cannot change).  `replace`: tensors saved instead of
+    the model's under their names (amp O2's float32 masters), moved to the CPU as they are: the
+    caller copies them if it must (the model's own copies are then not made at all).
     """
-    state, seen = {}, set()
+    state, seen, replace = {}, set(), replace or {}
     for name, tensor in (model.state_dict() if full_state is None else full_state).items():
         key = tensor.data_ptr()
         if key in seen:
             continue
         seen.add(key)
-        state[name] = tensor.detach().to("cpu", copy=copy).contiguous()
+        if name in replace:
+            state[name] = replace[name].detach().to("cpu").contiguous()
+        else:
+            state[name] = tensor.detach().to("cpu", copy=copy).contiguous()
     return state
 
 

@@ -132,14 +132,14 @@ def clone_tree(value: Any) -> Any:
     return value  # immutable leaves (check_plain_data admits nothing else), torch.Size
 
 
-def trained_weights(trainer, copy: bool = False) -> dict[str, torch.Tensor]:
+def trained_weights(trainer, copy: bool = False, masters: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """The model's weights as training holds them: under amp O2 the float32 masters in place of the
     model's bf16/fp16 copies, which lose every update below their resolution (export, int8 and
-    distillation read these files); tied weights once."""
-    weights = model_state_for_saving(trainer.raw_model, copy=copy)
-    masters = trainer.precision.masters()
-    weights.update({name: m.to("cpu", copy=copy) for name, m in masters.items()})
-    return weights
+    distillation read these files); tied weights once.  `masters`: copies already made (a
+    snapshot's), else the live ones."""
+    masters = trainer.precision.masters() if masters is None else masters
+    return model_state_for_saving(trainer.raw_model, copy=copy, replace=masters)
 
 
 def take_snapshot(trainer, include_optimizer: bool) -> Snapshot:
@@ -147,9 +147,9 @@ def take_snapshot(trainer, include_optimizer: bool) -> Snapshot:
     sharded = uses_sharded_checkpoints(trainer)
     trainer_state = trainer.state_dict(include_optimizer=include_optimizer and not sharded)
     check_plain_data(trainer_state)
-    weights = None if sharded else trained_weights(trainer, copy=True)
-    if weights is not None:  # amp O2: the masters are in the weights file, not held twice
-        trainer_state["precision"].pop("master_weights", None)
+    weights = None
+    if not sharded:  # amp O2: the masters state_dict() has just copied go into the weights file, not held twice
+        weights = trained_weights(trainer, copy=True, masters=trainer_state["precision"].pop("master_weights", {}))
     return Snapshot(trainer.state.step, sharded, as_model_config(trainer.cfg.model), weights,
                     clone_tree(trainer_state), capture_rng())
 
