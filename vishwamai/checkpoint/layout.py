@@ -58,6 +58,11 @@ def _best_step(root: Path) -> tuple[int, Path] | None:
         return None
 
 
+def _full_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every full checkpoint: the step-N directories and best/."""
+    return step_dirs(root) + ([best] if (best := _best_step(root)) else [])
+
+
 def resume_candidates(root: Path) -> list[Path]:
     """Checkpoints to try in order: step-N and best/ by step, newest first (step-N before best/ at a tie).
 
@@ -65,11 +70,9 @@ def resume_candidates(root: Path) -> list[Path]:
     pointer leaves it one checkpoint behind a complete step-N.  best/ matters when
     checkpointing.every_n_steps=0: after a kill -9 it is the only full checkpoint.
     """
-    found = step_dirs(root) + ([best] if (best := _best_step(root)) else [])
-    return [p for _, p in sorted(found, key=lambda sp: (sp[0], sp[1].name != BEST), reverse=True)]
+    return [p for _, p in sorted(_full_checkpoints(root), key=lambda sp: (sp[0], sp[1].name != BEST), reverse=True)]
 
 
 def checkpoints_after(root: Path, step: int) -> list[Path]:
     """step-N (and best/) newer than `step`."""
-    found = step_dirs(root) + ([best] if (best := _best_step(root)) else [])
-    return [p for s, p in found if s > step]
+    return [p for s, p in _full_checkpoints(root) if s > step]
