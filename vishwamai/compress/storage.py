@@ -113,11 +113,16 @@ def load_quantized(directory: str | Path, mode: Optional[str] = None, compile: b
     mode = mode or ("dynamic" if compile else meta["mode"])  # both modes read the same int8 weights
     if mode not in MODES:
         raise CheckpointError(f"{meta_path}: unknown mode {mode!r}, expected one of {list(MODES)}")
+    return build_quantized(read_model_config(d), read_quantized_tensors(d), meta, mode, compile)
+
+
+def read_quantized_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A quantized dir's tensors (int8 weights, scales, fp32 norms); CheckpointError naming a missing or corrupt file."""
+    path = Path(directory) / QUANT_WEIGHTS_FILE
     try:
-        tensors = load_file(str(d / QUANT_WEIGHTS_FILE))
+        return load_file(str(path))
     except Exception as e:  # safetensors raises several types for missing or corrupt files
-        raise CheckpointError(f"corrupt or missing {d / QUANT_WEIGHTS_FILE}: {e}") from e
-    return build_quantized(read_model_config(d), tensors, meta, mode, compile)
+        raise CheckpointError(f"corrupt or missing {path}: {e}") from e
 
 
 def load_any(directory: str | Path, compile: bool = False) -> nn.Module:

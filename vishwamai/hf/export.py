@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vishwamai.checkpoint.io import read_model_config, read_weights
 from vishwamai.config import ModelConfig
-from vishwamai.errors import CheckpointError, ConfigError
+from vishwamai.errors import ConfigError
 from vishwamai.hf.config import GENERATION_CONFIG_FILE, HF_CONFIG_FILE, from_model_config
 from vishwamai.hf.weights import SINGLE_FILE, to_hf_state
 from vishwamai.run_files import CONFIG_FILE
@@ -36,12 +36,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def dequantized_state(directory: Path) -> dict[str, torch.Tensor]:
     """A quantized/ directory's weights as float32: int8 rows times their scales."""
-    from vishwamai.compress.measure import QUANT_WEIGHTS_FILE
+    from vishwamai.compress.storage import read_quantized_tensors
 
-    try:
-        tensors = load_file(str(directory / QUANT_WEIGHTS_FILE))
-    except Exception as e:  # safetensors raises several types for missing or corrupt files
-        raise CheckpointError(f"corrupt or missing {directory / QUANT_WEIGHTS_FILE}: {e}") from e
+    tensors = read_quantized_tensors(directory)
     state = {}
     for name, t in tensors.items():
         if name.endswith(".weight_int8"):
