@@ -124,14 +124,17 @@ class HFTokenizerFile:
         return self._tok.decode(ids)
 
 
+def _is_space_cut(text: str, i: int) -> bool:
+    """Whether `text` may be cut before index i: a single space with a non-space on both sides."""
+    return 0 < i < len(text) - 1 and text[i] == " " and not text[i - 1].isspace() and not text[i + 1].isspace()
+
+
 def _last_space_cut(text: str) -> int:
-    """The index of the last space with a non-space on both sides (0: none); the text is cut before it."""
+    """The index of the last _is_space_cut position (0: none); the text is cut before it."""
     i = text.rfind(" ", 0, len(text) - 1)
-    while i > 0:
-        if not text[i - 1].isspace() and not text[i + 1].isspace():
-            return i
+    while i > 0 and not _is_space_cut(text, i):
         i = text.rfind(" ", 0, i)
-    return 0
+    return max(i, 0)
 
 
 def _special_tokens_around(tok) -> tuple[list[int], list[int]] | None:
@@ -150,8 +153,7 @@ def _splits_exactly_at_spaces(tok, specials: tuple[list[int], list[int]]) -> boo
     normalizer that prepends a space to every call fails it, and then documents are encoded whole)."""
     whole = tok.encode(_PROBE).ids
     before, after = specials
-    cuts = [i for i in range(1, len(_PROBE) - 1)
-            if _PROBE[i] == " " and not _PROBE[i - 1].isspace() and not _PROBE[i + 1].isspace()]
+    cuts = [i for i in range(len(_PROBE)) if _is_space_cut(_PROBE, i)]
     for cut in cuts:
         parts = (tok.encode(_PROBE[:cut], add_special_tokens=False).ids
                  + tok.encode(_PROBE[cut:], add_special_tokens=False).ids)
