@@ -4,7 +4,7 @@ A save takes a snapshot of the state on the training thread (a copy to CPU memor
 the next optimizer step changes anything), then the files are written, checked into the
 manifest and published by one background thread, in submission order, while training
 goes on.  Atomicity is unchanged: a process killed mid-write leaves the previous checkpoint
-valid.  The training thread waits (`flush`) only where it needs a write done: before the
+valid.  The training thread waits (`wait`, `flush`) only where it needs a write done: before the
 next snapshot (so at most one snapshot is held in memory), before the final save, and at
 the end of training; an error in a background write is raised there.
 """
